@@ -1,0 +1,175 @@
+"""Typed schema of the spect-node configuration.
+
+Every section forbids unknown keys, so a typo fails at start-up with the key's
+dotted name instead of being silently ignored. Paths stay as given (relative
+paths are relative to the working directory, as in the seed pipeline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base of every section: strict keys, validated assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectSection(Section):
+    name: str = "spect-node"
+    seed: int = 42
+
+
+class PathsSection(Section):
+    data_root: Path | None = None
+    outputs_dir: Path = Path("outputs")
+    models_dir: Path = Path("models")
+
+
+class DataSection(Section):
+    vols_dir: Path | None = None
+    masks_dir: Path | None = None
+    vol_suffix: str = ""
+    mask_suffix: str = "_mask"
+    allow_mask_as_volume: bool = False
+    recursive: bool = True
+    extensions: list[str] = Field(default_factory=lambda: [".nii.gz", ".nii"])
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, value: list[str]) -> list[str]:
+        if not value or any(not e.startswith(".") for e in value):
+            raise ValueError("must be a non-empty list of extensions starting with '.'")
+        return value
+
+
+class PreprocessSection(Section):
+    target_shape: tuple[int, int, int] = (64, 64, 56)
+    normalize: bool = True
+    normalization: Literal["percentile", "minmax"] = "percentile"
+    percentile_low: float = Field(0.0, ge=0, lt=100)
+    percentile_high: float = Field(99.9, gt=0, le=100)
+    reorient: bool = True
+
+    @field_validator("target_shape")
+    @classmethod
+    def _positive_shape(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v < 4 for v in value):
+            raise ValueError(f"must be 3 integers >= 4, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered_percentiles(self) -> PreprocessSection:
+        if self.percentile_low >= self.percentile_high:
+            raise ValueError("percentile_low must be below percentile_high")
+        return self
+
+
+class ModelSection(Section):
+    name: Literal["UNet3D"] = "UNet3D"
+    in_channels: int = Field(1, ge=1)
+    out_channels: int = Field(1, ge=1)
+    init_features: int = Field(16, ge=1)
+    weights: Path = Path("models/unet3d_weights.pth")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class TrainSection(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["dice_bce", "bce"] = "dice_bce"
+    output_bias_prior: float | None = Field(None, gt=0, lt=1)
+    val_size: float = Field(0.15, ge=0, lt=1)
+    test_size: float = Field(0.15, ge=0, lt=1)
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    augment: bool = True
+    max_minutes: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _split_leaves_training(self) -> TrainSection:
+        if self.val_size + self.test_size >= 1:
+            raise ValueError("val_size + test_size must be below 1")
+        return self
+
+
+class TestSection(Section):
+    __test__ = False  # not a pytest class
+
+    batch_size: int = Field(1, ge=1)
+    only_masked: bool = True
+    threshold: float = Field(0.5, gt=0, lt=1)
+    n_visualize: int = Field(5, ge=0)
+
+
+class PostprocessSection(Section):
+    enable: bool = True
+    min_comp_voxels: int = Field(30, ge=0)
+    keep_largest_only: bool = True
+    hole_size_threshold: int = Field(0, ge=0)
+    closing_structure_radius: int = Field(0, ge=0)
+    median_filter_size: int = Field(0, ge=0)
+    smoothing_sigma: float = Field(0.0, ge=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class VizSection(Section):
+    masks_out: Path = Path("outputs/masks_test")
+    viz_out: Path = Path("outputs/viz_test")
+    mask_suffix_out: str = "_pred_pp.nii.gz"
+
+
+class NodeSection(Section):
+    ae_title: str = Field("SPECTNODE", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(16, ge=1)
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    series_idle_timeout: float = Field(5.0, gt=0)
+    accept_pet_like: bool = True
+    seg_series_number: int = Field(9901, ge=1)
+    seg_series_description: str = "LV myocardium SEG - RESEARCH USE ONLY"
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(30.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    maximum_pdu_size: int = Field(0, ge=0)
+    send_max_attempts: int = Field(10, ge=1)
+    send_retry_window: float = Field(3600.0, gt=0)
+    send_backoff_base: float = Field(2.0, gt=0)
+    send_backoff_max: float = Field(300.0, gt=0)
+
+
+class PeerSection(Section):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    send_results: bool = True
+
+
+class StorageSection(Section):
+    root: Path = Path("var/spect-node")
+
+
+class AppConfig(Section):
+    """The whole configuration, one section per concern."""
+
+    project: ProjectSection = Field(default_factory=ProjectSection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    data: DataSection = Field(default_factory=DataSection)
+    preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    test: TestSection = Field(default_factory=TestSection)
+    postprocess: PostprocessSection = Field(default_factory=PostprocessSection)
+    viz: VizSection = Field(default_factory=VizSection)
+    node: NodeSection = Field(default_factory=NodeSection)
+    peers: list[PeerSection] = Field(default_factory=list)
+    storage: StorageSection = Field(default_factory=StorageSection)

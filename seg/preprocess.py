@@ -1,0 +1,247 @@
+"""Volume preprocessing: reorientation, resampling and intensity normalisation.
+
+All functions are pure. Arrays are 3D in NIfTI voxel order ``(i, j, k)``; affines
+are 4x4 RAS+ (nibabel's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from nibabel import orientations
+from scipy import ndimage
+
+Normalization = Literal["percentile", "minmax", "none"]
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """How a volume is brought onto the model grid (recorded in every checkpoint).
+
+    Parameters
+    ----------
+    target_shape
+        Model grid ``(I, J, K)`` in voxels.
+    normalization
+        ``percentile`` maps the ``percentile_low``..``percentile_high`` range to [0, 1]
+        and clips (robust to a hot liver); ``minmax`` is the seed's; ``none`` leaves values.
+    reorient
+        Bring the volume to the closest canonical (RAS) voxel order first. Plain seed
+        checkpoints were trained without it (file's own voxel order).
+    """
+
+    target_shape: tuple[int, int, int] = (64, 64, 56)
+    normalization: Normalization = "percentile"
+    percentile_low: float = 0.0
+    percentile_high: float = 99.9
+    reorient: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain-dict form stored in checkpoints."""
+        data = asdict(self)
+        data["target_shape"] = list(self.target_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> PreprocessSettings:
+        """Inverse of :meth:`to_dict`."""
+        values = dict(data)
+        values["target_shape"] = tuple(int(v) for v in values["target_shape"])  # type: ignore[union-attr]
+        return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def seed(cls, target_shape: tuple[int, int, int] = (64, 64, 56)) -> PreprocessSettings:
+        """The seed pipeline's preprocessing: file voxel order, min-max."""
+        return cls(target_shape=target_shape, normalization="minmax", reorient=False)
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """The voxel-axis transform from a file's order to the closest canonical (RAS) order.
+
+    ``ornt`` is nibabel's ``(3, 2)`` orientation array (target axis, flip) for each
+    input axis; the identity when ``reorient`` is off.
+    """
+
+    ornt: np.ndarray
+
+    @classmethod
+    def identity(cls) -> Orientation:
+        return cls(np.array([[0, 1], [1, 1], [2, 1]], dtype=float))
+
+    @classmethod
+    def to_canonical(cls, affine: np.ndarray) -> Orientation:
+        """Orientation taking voxels of an image with ``affine`` to RAS voxel order."""
+        return cls(orientations.io_orientation(affine))
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """File voxel order ``(i, j, k)`` -> canonical order; a view where possible."""
+        return orientations.apply_orientation(array, self.ornt)
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        """Canonical order -> the file's voxel order (inverse of :meth:`apply`)."""
+        inverse = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), self.ornt)
+        return orientations.apply_orientation(array, inverse)
+
+    def apply_spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Voxel sizes permuted like the axes by :meth:`apply`."""
+        out = [0.0, 0.0, 0.0]
+        for axis, (target, _flip) in enumerate(self.ornt):
+            out[int(target)] = spacing[axis]
+        return (out[0], out[1], out[2])
+
+
+def resample_linear(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resample a volume to ``shape`` by trilinear interpolation.
+
+    Parameters
+    ----------
+    volume
+        ``(I, J, K)`` array, any real dtype.
+    shape
+        Output ``(I', J', K')``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(I', J', K')`` float32. Voxel centres are aligned (the grid spans the same
+        field of view), edges are extended by the nearest value.
+    """
+    return _resample(np.asarray(volume, dtype=np.float32), shape, order=1)
+
+
+def resample_labels(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resample a label map to ``shape`` by nearest neighbour.
+
+    Unlike the seed's linear zoom + ``> 0`` (which dilates every mask), the label
+    values and the structure's size are preserved.
+
+    Parameters
+    ----------
+    labels
+        ``(I, J, K)`` integer or bool label map.
+    shape
+        Output ``(I', J', K')``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(I', J', K')`` of the input dtype.
+    """
+    labels = np.asarray(labels)
+    dtype = labels.dtype
+    work = labels.astype(np.uint8) if dtype.kind == "b" else labels
+    return _resample(work, shape, order=0).astype(dtype, copy=False)
+
+
+def _resample(volume: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
+    if volume.ndim != 3 or len(shape) != 3:
+        raise ValueError(f"expected a 3D volume and a 3D shape, got {volume.shape} -> {shape}")
+    if tuple(volume.shape) == tuple(shape):
+        return volume.copy()
+    scale = np.array(volume.shape, dtype=float) / np.array(shape, dtype=float)
+    offset = 0.5 * scale - 0.5  # output voxel centre (o + 0.5) * scale - 0.5 in input voxels
+    return ndimage.affine_transform(
+        volume, scale, offset=offset, output_shape=tuple(shape), order=order, mode="nearest", prefilter=False
+    )
+
+
+def normalize_intensity(
+    volume: np.ndarray,
+    method: Normalization = "percentile",
+    percentile_low: float = 0.0,
+    percentile_high: float = 99.9,
+) -> np.ndarray:
+    """Scale intensities to [0, 1].
+
+    Parameters
+    ----------
+    volume
+        ``(I, J, K)`` real array.
+    method
+        ``minmax`` (the seed's: a hot liver maps to 1 and crushes the heart), ``percentile``
+        (the ``percentile_low``..``percentile_high`` range maps to [0, 1], clipped), or ``none``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 of the same shape; a constant volume maps to zeros.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if method == "none":
+        return volume.copy()
+    if method == "minmax":
+        low, high = float(volume.min()), float(volume.max())
+    elif method == "percentile":
+        low, high = (float(v) for v in np.percentile(volume, [percentile_low, percentile_high]))
+    else:
+        raise ValueError(f"unknown normalization {method!r}")
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros_like(volume)
+    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def to_model_grid(
+    volume: np.ndarray, affine: np.ndarray, settings: PreprocessSettings
+) -> tuple[np.ndarray, Orientation]:
+    """Reorient (optionally), resample and normalise a volume for the network.
+
+    Parameters
+    ----------
+    volume
+        ``(I, J, K)`` in the file's voxel order.
+    affine
+        Its 4x4 RAS+ affine.
+
+    Returns
+    -------
+    tuple
+        ``(array, orientation)``: float32 ``settings.target_shape`` in [0, 1], and the
+        orientation used (to bring results back with :func:`from_model_grid`).
+    """
+    orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
+    canonical = orientation.apply(np.asarray(volume, dtype=np.float32))
+    resampled = resample_linear(canonical, settings.target_shape)
+    if settings.normalization != "none":
+        resampled = normalize_intensity(
+            resampled, settings.normalization, settings.percentile_low, settings.percentile_high
+        )
+    return resampled, orientation
+
+
+def labels_to_model_grid(labels: np.ndarray, affine: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """The training-side twin of :func:`to_model_grid` for a label map (nearest neighbour).
+
+    Returns ``settings.target_shape`` uint8.
+    """
+    orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
+    canonical = orientation.apply(np.asarray(labels) > 0).astype(np.uint8)
+    return resample_labels(canonical, settings.target_shape)
+
+
+def from_model_grid(
+    soft_map: np.ndarray, input_shape: tuple[int, int, int], orientation: Orientation, threshold: float = 0.5
+) -> np.ndarray:
+    """Bring a soft map from the model grid back onto the input grid and threshold it.
+
+    Parameters
+    ----------
+    soft_map
+        ``target_shape`` float in [0, 1] (probabilities or a smoothed mask), canonical order.
+    input_shape
+        Shape of the original volume in its file voxel order.
+    orientation
+        What :func:`to_model_grid` returned for that volume.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 mask of ``input_shape`` in the file's voxel order (linear resampling, then
+        ``>= threshold``).
+    """
+    canonical_shape = tuple(int(s) for s in orientation.apply(np.empty(input_shape, dtype=np.uint8)).shape)
+    resampled = resample_linear(soft_map, canonical_shape)  # type: ignore[arg-type]
+    mask = (resampled >= threshold).astype(np.uint8)
+    return np.ascontiguousarray(orientation.invert(mask))

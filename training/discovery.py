@@ -1,0 +1,177 @@
+"""Dataset discovery with the seed's rules, and a clear report of what did not pair.
+
+A volume is ``<base><vol_suffix><ext>``, its mask ``<base><mask_suffix><ext>``, in
+``vols_dir`` / ``masks_dir`` (default ``<data_root>/NIfTI``), searched recursively or
+not. When a base exists with several extensions the first extension of the configured
+list wins (``.nii.gz`` before ``.nii``). Cases without a mask are reported, never
+trained on as empty masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One volume and (maybe) its mask.
+
+    ``volume`` is the mask itself only in the explicit ``allow_mask_as_volume`` debug mode.
+    """
+
+    base: str
+    volume: Path
+    mask: Path | None
+    patient_id: str | None = None
+
+
+@dataclass
+class DiscoveryReport:
+    """What discovery found."""
+
+    cases: list[Case] = field(default_factory=list)
+    volumes_without_mask: list[str] = field(default_factory=list)
+    masks_without_volume: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, Path, Path]] = field(default_factory=list)  # (base, kept, ignored)
+
+    @property
+    def masked_cases(self) -> list[Case]:
+        """Cases with a mask (the only ones training and evaluation use)."""
+        return [c for c in self.cases if c.mask is not None]
+
+    def summary(self) -> str:
+        """Human-readable report, one line per kind of finding."""
+        lines = [f"{len(self.cases)} cases ({len(self.masked_cases)} with a mask)"]
+        if self.volumes_without_mask:
+            lines.append(
+                f"{len(self.volumes_without_mask)} volume(s) without a mask: {_preview(self.volumes_without_mask)}"
+            )
+        if self.masks_without_volume:
+            lines.append(
+                f"{len(self.masks_without_volume)} mask(s) without a volume: {_preview(self.masks_without_volume)}"
+            )
+        for base, kept, ignored in self.duplicates:
+            lines.append(f"duplicate {base!r}: using {kept}, ignoring {ignored}")
+        return "\n".join(lines)
+
+
+def _preview(items: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def _split_extension(name: str, extensions: Sequence[str]) -> tuple[str, str] | None:
+    for ext in sorted(extensions, key=len, reverse=True):  # .nii.gz before .nii
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    return None
+
+
+def _list_files(folder: Path, recursive: bool) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    pattern = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in pattern if p.is_file())
+
+
+def _pick(base: str, found: dict[str, list[tuple[Path, str]]], extensions: Sequence[str], report: DiscoveryReport):
+    candidates = sorted(found[base], key=lambda pe: (extensions.index(pe[1]), str(pe[0])))
+    kept = candidates[0][0]
+    for path, _ext in candidates[1:]:
+        report.duplicates.append((base, kept, path))
+    return kept
+
+
+def discover(
+    vols_dir: Path,
+    masks_dir: Path | None = None,
+    *,
+    vol_suffix: str = "",
+    mask_suffix: str = "_mask",
+    extensions: Sequence[str] = (".nii.gz", ".nii"),
+    recursive: bool = True,
+    allow_mask_as_volume: bool = False,
+    patient_ids: dict[str, str] | None = None,
+) -> DiscoveryReport:
+    """Pair volumes with masks.
+
+    Parameters
+    ----------
+    vols_dir
+        Folder of volumes (and of masks when ``masks_dir`` is ``None`` or the same folder).
+    masks_dir
+        Separate folder of masks; there every file is a mask (its ``mask_suffix`` optional).
+    allow_mask_as_volume
+        Debug only: a mask without a volume becomes a case whose volume is the mask.
+    patient_ids
+        ``base -> patient_id`` (from ``demographics.csv``) to attach to the cases.
+    """
+    extensions = list(extensions)
+    separate_masks = masks_dir is not None and Path(masks_dir).resolve() != Path(vols_dir).resolve()
+    volumes: dict[str, list[tuple[Path, str]]] = {}
+    masks: dict[str, list[tuple[Path, str]]] = {}
+
+    def classify(paths: Iterable[Path], masks_only: bool) -> None:
+        for path in paths:
+            split = _split_extension(path.name, extensions)
+            if split is None:
+                continue
+            stem, ext = split
+            if mask_suffix and stem.endswith(mask_suffix):
+                masks.setdefault(stem[: -len(mask_suffix)], []).append((path, ext))
+            elif masks_only:
+                masks.setdefault(stem, []).append((path, ext))
+            elif not vol_suffix or stem.endswith(vol_suffix):
+                base = stem[: -len(vol_suffix)] if vol_suffix else stem
+                volumes.setdefault(base, []).append((path, ext))
+
+    classify(_list_files(Path(vols_dir), recursive), masks_only=False)
+    if separate_masks:
+        classify(_list_files(Path(masks_dir), recursive), masks_only=True)  # type: ignore[arg-type]
+
+    report = DiscoveryReport()
+    ids = patient_ids or {}
+    for base in sorted(set(volumes) | set(masks)):
+        volume = _pick(base, volumes, extensions, report) if base in volumes else None
+        mask = _pick(base, masks, extensions, report) if base in masks else None
+        if volume is None:
+            report.masks_without_volume.append(base)
+            if allow_mask_as_volume and mask is not None:
+                log.warning("%s: using the mask as its own volume (allow_mask_as_volume, debug only)", base)
+                report.cases.append(Case(base, mask, mask, ids.get(base)))
+            continue
+        if mask is None:
+            report.volumes_without_mask.append(base)
+        report.cases.append(Case(base, volume, mask, ids.get(base)))
+    return report
+
+
+def read_demographics(csv_path: Path) -> dict[str, dict[str, str]]:
+    """Rows of a ``demographics.csv`` keyed by ``file_base`` (or ``base``); empty when absent."""
+    if not csv_path.is_file():
+        return {}
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.lower().strip(): c for c in (reader.fieldnames or [])}
+        base_col = columns.get("file_base") or columns.get("base")
+        if base_col is None:
+            log.warning("%s: no file_base column; ignoring it", csv_path)
+            return {}
+        return {row[base_col]: dict(row) for row in reader if row.get(base_col)}
+
+
+def read_patient_ids(csv_path: Path) -> dict[str, str]:
+    """``file_base -> patient_id`` from a ``demographics.csv`` (``patient_id``/``PatientID`` column)."""
+    ids = {}
+    for base, row in read_demographics(csv_path).items():
+        lowered = {k.lower().strip(): v for k, v in row.items() if k}
+        pid = lowered.get("patient_id") or lowered.get("patientid")
+        if pid:
+            ids[base] = pid
+    return ids

@@ -1,0 +1,165 @@
+"""Evaluation (metrics per case and a summary) and prediction (masks and figures) over a dataset."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from seg.metrics import compute_metrics, summarize
+from tqdm import tqdm
+
+from seg.predictor import Prediction, Predictor
+from training.dataset import load_volume
+from training.discovery import Case
+from training.figures import plot_prediction
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("dice", "iou", "hd95_mm", "msd_mm")
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes (mm) along the array axes ``(i, j, k)`` of an affine."""
+    sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+
+
+@dataclass
+class CaseOutcome:
+    """One case's prediction, with its volume and truth (truth ``None`` without a mask)."""
+
+    case: Case
+    volume: nib.Nifti1Image
+    truth: np.ndarray | None
+    prediction: Prediction
+
+
+def run_cases(predictor: Predictor, cases: Sequence[Case], progress: bool = True, desc: str = "predict"):
+    """Predict each case in turn (a generator, so memory stays one case deep)."""
+    for case in tqdm(cases, desc=desc, unit="case", disable=not progress):
+        volume = load_volume(case.volume)
+        truth = None
+        if case.mask is not None:
+            truth = np.asarray(load_volume(case.mask).dataobj) > 0
+            if truth.shape != volume.shape:
+                raise ValueError(f"{case.mask}: mask shape {truth.shape} differs from volume {volume.shape}")
+        prediction = predictor.predict_array(np.asarray(volume.dataobj, dtype=np.float32), volume.affine)
+        yield CaseOutcome(case, volume, truth, prediction)
+
+
+def _metric_row(outcome: CaseOutcome) -> dict[str, object]:
+    spacing = voxel_spacing(outcome.volume.affine)
+    row: dict[str, object] = {"file_base": outcome.case.base}
+    assert outcome.truth is not None
+    for tag, mask in (("raw", outcome.prediction.raw_mask), ("pp", outcome.prediction.mask)):
+        metrics = compute_metrics(mask.astype(bool), outcome.truth, spacing)
+        for name in METRIC_COLUMNS:
+            row[f"{name}_{tag}"] = round(float(getattr(metrics, name)), 6)
+    row["truth_ml"] = round(float(outcome.truth.sum()) * float(np.prod(spacing)) / 1000.0, 3)
+    row["pred_ml"] = round(float(outcome.prediction.mask.sum()) * float(np.prod(spacing)) / 1000.0, 3)
+    row["infer_s"] = round(outcome.prediction.timings.get("infer", math.nan), 4)
+    return row
+
+
+def evaluate_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    out_dir: Path,
+    n_visualize: int = 5,
+    extra_columns: dict[str, dict[str, str]] | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict[str, dict[str, float]]]:
+    """Per-case metrics (raw and post-processed) to ``metrics.csv`` and a summary.
+
+    Parameters
+    ----------
+    cases
+        Cases with a mask (cases without one are skipped with a warning).
+    extra_columns
+        ``base -> {column: value}`` appended to each row (e.g. the phantom parameters).
+
+    Returns
+    -------
+    tuple
+        The CSV path and ``{metric_column: summarize(...)}``.
+    """
+    masked = [c for c in cases if c.mask is not None]
+    if len(masked) < len(cases):
+        log.warning("skipping %d case(s) without a mask", len(cases) - len(masked))
+    if not masked:
+        raise ValueError("no case with a mask to evaluate")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, outcome in enumerate(run_cases(predictor, masked, progress, "evaluate")):
+        row = _metric_row(outcome)
+        row.update((extra_columns or {}).get(outcome.case.base, {}))
+        rows.append(row)
+        if index < n_visualize:
+            _figure(outcome, out_dir / "figures" / f"{outcome.case.base}.png", row)
+    csv_path = out_dir / "metrics.csv"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        f"{name}_{tag}": summarize([float(r[f"{name}_{tag}"]) for r in rows])  # type: ignore[arg-type]
+        for tag in ("raw", "pp")
+        for name in METRIC_COLUMNS
+    }
+    return csv_path, summary
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per metric, columns mean/median/std/n."""
+    lines = [f"{'metric':<14}{'mean':>10}{'median':>10}{'std':>10}{'n':>6}"]
+    for name, stats in summary.items():
+        lines.append(
+            f"{name:<14}{stats['mean']:>10.4f}{stats['median']:>10.4f}{stats['std']:>10.4f}{int(stats['n']):>6}"
+            + (f"  ({int(stats['n_nonfinite'])} non-finite)" if stats.get("n_nonfinite") else "")
+        )
+    return "\n".join(lines)
+
+
+def _figure(outcome: CaseOutcome, path: Path, row: dict[str, object] | None = None) -> Path:
+    title = outcome.case.base
+    if row is not None:
+        title += f"  Dice raw {row['dice_raw']:.3f}  post-processed {row['dice_pp']:.3f}"
+    return plot_prediction(
+        np.asarray(outcome.volume.dataobj, dtype=np.float32),
+        outcome.volume.affine,
+        outcome.truth,
+        outcome.prediction.raw_mask,
+        outcome.prediction.mask,
+        path,
+        title,
+    )
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    masks_out: Path,
+    viz_out: Path,
+    mask_suffix_out: str = "_pred_pp.nii.gz",
+    progress: bool = True,
+) -> Iterator[tuple[Path, Path]]:
+    """Write ``<masks_out>/<base><mask_suffix_out>`` (on each input's grid) and ``<viz_out>/<base>.png``.
+
+    Yields the two paths per case.
+    """
+    masks_out.mkdir(parents=True, exist_ok=True)
+    viz_out.mkdir(parents=True, exist_ok=True)
+    for outcome in run_cases(predictor, cases, progress, "predict"):
+        image = nib.Nifti1Image(outcome.prediction.mask.astype(np.uint8), outcome.volume.affine)
+        image.set_qform(outcome.volume.affine, code=1)
+        image.set_sform(outcome.volume.affine, code=1)
+        mask_path = masks_out / f"{outcome.case.base}{mask_suffix_out}"
+        nib.save(image, str(mask_path))
+        yield mask_path, _figure(outcome, viz_out / f"{outcome.case.base}.png")

@@ -1,0 +1,359 @@
+"""Training the U-Net: single process, or DistributedDataParallel under ``torchrun``."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from seg.metrics import dice
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from config import AppConfig
+from seg.checkpoint import Checkpoint, load_raw, provenance_record, save_checkpoint
+from seg.inference import autocast_context, resolve_device
+from seg.model import UNet3D, UNetSpec
+from training.augment import AugmentSettings
+from training.data import DataSelection, preprocess_settings, select_cases
+from training.dataset import PreparedCase, SegmentationDataset, prepare_cases
+from training.figures import plot_curves
+from training.losses import SegmentationLoss
+from training.split import Split, make_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPaths:
+    """Where a training run writes: the checkpoint and the run folder beside it."""
+
+    checkpoint: Path
+    run_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.checkpoint.parent / f"{self.checkpoint.stem}_run"
+
+    @property
+    def split(self) -> Path:
+        return self.run_dir / "split.json"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pth"
+
+    @property
+    def log_jsonl(self) -> Path:
+        return self.run_dir / "log.jsonl"
+
+    @property
+    def log_csv(self) -> Path:
+        return self.run_dir / "log.csv"
+
+    @property
+    def curves(self) -> Path:
+        return self.run_dir / "curves.png"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    paths: RunPaths
+    best_val_dice: float | None
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]]
+    weights_digest: str
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Process-group facts (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device_name: str) -> Distributed:
+        """Join the process group when launched by ``torchrun`` (nccl on GPUs, gloo on CPU)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        return cls(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank)
+
+
+def training_precision(device: torch.device, requested: str) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` for training (``auto``: bf16 where native, fp16 on older GPUs)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the weights (to check that DDP ranks agree)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _foreground_prior(cases: Sequence[PreparedCase]) -> float:
+    return float(np.mean([c.label.mean() for c in cases]))
+
+
+def _out_of_time(max_minutes: float | None, started: float, distributed: Distributed) -> bool:
+    """Rank 0 decides, every rank follows (so no rank waits forever on the others)."""
+    if max_minutes is None:
+        return False
+    stop = torch.tensor([int((time.monotonic() - started) / 60 >= max_minutes)])
+    if distributed.world_size > 1:
+        dist.broadcast(stop, src=0)
+    return bool(stop.item())
+
+
+def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], device: torch.device, precision: str) -> float:
+    """Mean Dice of the thresholded output against the labels, on the model grid."""
+    model.eval()
+    scores = []
+    with torch.inference_mode(), autocast_context(device, precision):
+        for case in cases:
+            x = torch.from_numpy(case.image)[None, None].to(device)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            pred = (model(x)[0, 0].float() >= 0).cpu().numpy()
+            scores.append(dice(pred, case.label.astype(bool)))
+    model.train()
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _append_logs(paths: RunPaths, row: dict[str, Any]) -> None:
+    with paths.log_jsonl.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+    new = not paths.log_csv.exists()
+    with paths.log_csv.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _make_checkpoint(
+    model: UNet3D, config: AppConfig, metrics: dict[str, Any], command: Sequence[str] | None
+) -> Checkpoint:
+    return Checkpoint(
+        spec=model.spec,
+        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        preprocess=preprocess_settings(config),
+        postprocess=config.postprocess.model_dump(),
+        threshold=config.test.threshold,
+        metrics=metrics,
+        provenance=provenance_record(
+            json.loads(config.model_dump_json()), {"project.seed": config.project.seed}, list(command or [])
+        ),
+    )
+
+
+def train(
+    config: AppConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    command: Sequence[str] | None = None,
+    selection: DataSelection | None = None,
+) -> TrainResult:
+    """Train a model on the masked cases under ``config.paths.data_root``.
+
+    Parameters
+    ----------
+    config
+        The whole configuration (``train``, ``model``, ``preprocess``, ``data``, ``paths``).
+    out
+        Checkpoint file of the best epoch; the run folder ``<stem>_run/`` sits beside it
+        (split, ``log.jsonl``/``log.csv``, ``curves.png``, ``last.pth`` for ``--resume``).
+    resume
+        Continue from ``last.pth`` (model, optimizer, scheduler, RNG, epoch, history).
+    """
+    cfg = config.train
+    seed = config.project.seed
+    distributed = Distributed.from_environment(config.model.device)
+    device = resolve_device(config.model.device)
+    if device.type == "cuda" and distributed.world_size > 1:
+        device = torch.device("cuda", distributed.local_rank)
+    precision = training_precision(device, config.model.precision)
+    paths = RunPaths(Path(out))
+    show = progress and distributed.is_main
+
+    selection = selection or select_cases(config)
+    cases = selection.report.masked_cases
+    if len(cases) < 2:
+        raise ValueError(f"{selection.vols_dir}: found {len(cases)} case(s) with a mask; training needs at least 2")
+    if resume and paths.split.exists():
+        split = Split.load(paths.split)
+    else:
+        split = make_split(cases, cfg.val_size, cfg.test_size, seed)
+        if distributed.is_main:
+            split.save(paths.split)
+    by_base = {c.base: c for c in cases}
+    settings = preprocess_settings(config)
+    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train")
+    val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val")
+    log.info(
+        "cases: %d train, %d val, %d test (split %s)",
+        len(train_cases),
+        len(val_cases),
+        len(split.test),
+        paths.split,
+    )
+
+    torch.manual_seed(seed)
+    spec = UNetSpec(config.model.in_channels, config.model.out_channels, config.model.init_features)
+    model = UNet3D(spec)
+    if cfg.output_bias_prior is not None:
+        model.init_output_bias(cfg.output_bias_prior)
+    model = model.to(device).to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.lr * 0.02)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    history: list[dict[str, Any]] = []
+    best, best_epoch, start_epoch = -1.0, 0, 0
+    if resume:
+        if not paths.last.exists():
+            raise FileNotFoundError(f"{paths.last}: nothing to resume")
+        state = load_raw(paths.last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, best_epoch, start_epoch = (
+            state["history"],
+            state["best"],
+            state["best_epoch"],
+            state["epoch"],
+        )
+        log.info("resuming at epoch %d (best val Dice %.4f at epoch %d)", start_epoch + 1, best, best_epoch)
+
+    net: torch.nn.Module = model
+    if distributed.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    augment_settings = AugmentSettings() if cfg.augment else None
+    dataset = SegmentationDataset(train_cases, augment_settings, seed)
+    criterion = SegmentationLoss(cfg.loss)
+    started = time.monotonic()
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        dataset.set_epoch(epoch)
+        if distributed.world_size > 1:
+            sampler: Any = DistributedSampler(dataset, shuffle=cfg.shuffle, seed=seed, drop_last=False)
+            sampler.set_epoch(epoch)
+        elif cfg.shuffle:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        else:
+            sampler = SequentialSampler(dataset)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+        net.train()
+        losses: list[float] = []
+        epoch_start = time.monotonic()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not show, leave=False)
+        for images, labels in bar:
+            images = images.to(device).contiguous(memory_format=torch.channels_last_3d)
+            labels = labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context(device, precision):
+                logits = net(images)
+            loss = criterion(logits, labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            elapsed = time.monotonic() - epoch_start
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", vol_s=f"{len(losses) * cfg.batch_size / elapsed:.1f}")
+        scheduler.step()
+        train_loss = float(np.mean(losses))
+        if distributed.world_size > 1:
+            total = torch.tensor([train_loss], dtype=torch.float64)
+            dist.all_reduce(total)
+            train_loss = float(total.item()) / distributed.world_size
+        val_dice = validate(model, val_cases, device, precision) if val_cases else None
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "val_dice": None if val_dice is None else round(val_dice, 6),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": round(time.monotonic() - epoch_start, 2),
+            "elapsed_minutes": round((time.monotonic() - started) / 60, 3),
+        }
+        history.append(row)
+        improved = val_dice is None or val_dice > best
+        if improved:
+            best, best_epoch = (val_dice if val_dice is not None else best), epoch
+        if distributed.is_main:
+            _append_logs(paths, row)
+            plot_curves(history, paths.curves)
+            if improved:
+                metrics = {
+                    "best_val_dice": None if val_dice is None else round(best, 6),
+                    "best_epoch": best_epoch,
+                    "epochs_planned": cfg.epochs,
+                    "n_train": len(train_cases),
+                    "n_val": len(val_cases),
+                    "precision": precision,
+                    "device": str(device),
+                    "world_size": distributed.world_size,
+                }
+                save_checkpoint(_make_checkpoint(model, config, metrics, command), paths.checkpoint)
+            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "epoch": epoch,
+                }
+                tmp = paths.last.with_suffix(".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, paths.last)
+        log.info(
+            "epoch %d/%d loss %.4f val Dice %s (%.1f s)",
+            epoch,
+            cfg.epochs,
+            train_loss,
+            "n/a" if val_dice is None else f"{val_dice:.4f}",
+            row["epoch_seconds"],
+        )
+        if _out_of_time(cfg.max_minutes, started, distributed):
+            log.info("stopping after %.1f minutes (train.max_minutes)", (time.monotonic() - started) / 60)
+            break
+    digest = state_digest(model.state_dict())
+    log.info("rank %d final weights sha256 %s", distributed.rank, digest)
+    if distributed.world_size > 1:
+        dist.barrier()
+    return TrainResult(paths, None if best < 0 else best, best_epoch, epoch, history, digest)
