@@ -126,9 +126,7 @@ def _spec_from_state_dict(state_dict: dict[str, torch.Tensor], source: Path) -> 
         last = state_dict["conv_last.weight"]
     except KeyError as exc:
         raise CheckpointError(f"{source}: not a UNet3D state_dict (missing {exc.args[0]})") from None
-    return UNetSpec(
-        in_channels=int(first.shape[1]), out_channels=int(last.shape[0]), init_features=int(first.shape[0])
-    )
+    return UNetSpec(in_channels=int(first.shape[1]), out_channels=int(last.shape[0]), init_features=int(first.shape[0]))
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
@@ -164,9 +162,7 @@ def load_checkpoint(path: str | Path, seed_target_shape: tuple[int, int, int] = 
     raw = load_raw(path)
     if raw.get("format") == FORMAT:
         if int(raw.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path}: checkpoint format {raw['format_version']} is newer than this code"
-            )
+            raise CheckpointError(f"{path}: checkpoint format {raw['format_version']} is newer than this code")
         spec = UNetSpec(**raw["model"]["spec"])
         ckpt = Checkpoint(
             spec=spec,

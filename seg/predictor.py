@@ -9,11 +9,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from seg.checkpoint import Checkpoint, load_checkpoint
 from seg.inference import InferenceEngine, Precision, resolve_device
-from seg.postprocess import Postprocessor, PostprocessSettings
-from seg.preprocess import from_model_grid, to_model_grid
+from seg.postprocess import Postprocessor, PostprocessSettings, keep_largest_component
+from seg.preprocess import GridMap, Orientation, from_model_grid, prepare_input, voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class Prediction:
     raw_mask
         uint8 ``(I, J, K)``: the thresholded network output on the input grid, no post-processing.
     probability
-        float32 ``target_shape`` sigmoid output on the model grid (canonical order).
+        float32 ``target_shape`` sigmoid output on the model grid (canonical order; the
+        heart box when the model segments in two passes).
     timings
         Seconds per stage: ``preprocess``, ``infer``, ``postprocess``.
     """
@@ -63,6 +65,28 @@ def gated_soft_map(probability: np.ndarray, post_mask: np.ndarray, threshold: fl
     post = post_mask.astype(bool)
     below = np.where(probability >= threshold, 0.0, probability)
     return np.where(post, np.maximum(probability, threshold), below).astype(np.float32)
+
+
+def locate_heart(mask: np.ndarray, grid: GridMap) -> np.ndarray | None:
+    """Centre of the largest connected component of ``mask``, in input voxel coordinates.
+
+    Parameters
+    ----------
+    mask
+        bool ``grid.shape`` mask on the whole field of view (canonical order).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``(3,)`` float centre of the mask voxels in the largest cluster (pieces closer than
+        ~4 voxels count as one), or ``None`` when the mask is empty.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    # a thin wall can break into pieces on a coarse grid: merge nearby pieces before choosing
+    merged = keep_largest_component(ndimage.binary_dilation(mask, iterations=2))
+    return grid.to_input(np.argwhere(mask & merged).mean(axis=0))
 
 
 class Predictor:
@@ -108,9 +132,7 @@ class Predictor:
     ) -> Predictor:
         """Load a checkpoint (or a plain seed ``state_dict``) from a file."""
         checkpoint = load_checkpoint(weights, seed_target_shape=seed_target_shape)
-        return cls(
-            checkpoint, postprocess=postprocess, device=device, precision=precision, threshold=threshold
-        )
+        return cls(checkpoint, postprocess=postprocess, device=device, precision=precision, threshold=threshold)
 
     def warm_up(self) -> Predictor:
         """Pay first-call costs now and choose the execution path; returns ``self``."""
@@ -138,27 +160,39 @@ class Predictor:
         if volume.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
         if min(volume.shape) < 1 or not np.all(np.isfinite(affine)):
-            raise ValueError(
-                f"unusable volume: shape {volume.shape}, affine finite={np.all(np.isfinite(affine))}"
-            )
+            raise ValueError(f"unusable volume: shape {volume.shape}, affine finite={np.all(np.isfinite(affine))}")
         self.warm_up()
+        settings = self.preprocess
         t0 = time.perf_counter()
-        model_input, orientation = to_model_grid(volume, affine, self.preprocess)
+        orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
+        canonical = orientation.apply(np.asarray(volume, dtype=np.float32))
+        grid = GridMap.full_fov(canonical.shape, settings.target_shape)
+        model_input = prepare_input(canonical, grid, settings)
         t1 = time.perf_counter()
         probability = self.engine.probabilities(model_input[None])[0]
+        if settings.crop_spacing_mm is not None:
+            centre = locate_heart(probability >= self.threshold, grid)
+            if centre is None:
+                log.warning("no myocardium found on the whole field of view; segmenting without the heart box")
+            else:
+                grid = GridMap.box(
+                    centre,
+                    orientation.apply_spacing(voxel_spacing(affine)),
+                    settings.target_shape,
+                    settings.crop_spacing_mm,
+                )
+                probability = self.engine.probabilities(prepare_input(canonical, grid, settings)[None])[0]
         t2 = time.perf_counter()
         raw = probability >= self.threshold
         if self.postprocess.enable:
             post_soft = self._postprocessor(raw)
             if self.postprocess.smoothing_sigma <= 0:
-                post_soft = gated_soft_map(
-                    probability, post_soft >= self.postprocess.threshold, self.threshold
-                )
+                post_soft = gated_soft_map(probability, post_soft >= self.postprocess.threshold, self.threshold)
         else:
             post_soft = probability
         shape = tuple(int(s) for s in volume.shape)
-        mask = from_model_grid(post_soft, shape, orientation, self.postprocess.threshold)  # type: ignore[arg-type]
-        raw_mask = from_model_grid(probability, shape, orientation, self.threshold)  # type: ignore[arg-type]
+        mask = from_model_grid(post_soft, shape, orientation, self.postprocess.threshold, grid)  # type: ignore[arg-type]
+        raw_mask = from_model_grid(probability, shape, orientation, self.threshold, grid)  # type: ignore[arg-type]
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "infer": t2 - t1, "postprocess": t3 - t2}
         return Prediction(mask=mask, raw_mask=raw_mask, probability=probability, timings=timings)

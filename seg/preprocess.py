@@ -30,6 +30,10 @@ class PreprocessSettings:
     reorient
         Bring the volume to the closest canonical (RAS) voxel order first. Plain seed
         checkpoints were trained without it (file's own voxel order).
+    crop_spacing_mm
+        Two passes when set: the heart is located on the whole field of view, then a
+        ``target_shape`` box of this voxel size centred on it is segmented. ``None``: one
+        pass over the whole field of view (the seed's way).
     """
 
     target_shape: tuple[int, int, int] = (64, 64, 56)
@@ -37,6 +41,7 @@ class PreprocessSettings:
     percentile_low: float = 0.0
     percentile_high: float = 99.9
     reorient: bool = True
+    crop_spacing_mm: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Plain-dict form stored in checkpoints."""
@@ -183,10 +188,111 @@ def normalize_intensity(
     return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes (mm) along the array axes ``(i, j, k)`` of a 4x4 affine."""
+    sizes = np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+
+
+@dataclass(frozen=True)
+class GridMap:
+    """Where the model grid lies in the (canonical) input grid.
+
+    Model voxel ``m`` (per axis) sits at input voxel ``v = scale * m + offset``.
+    :meth:`full_fov` spans the whole field of view (the seed's resize);
+    :meth:`box` is a heart-centred box of fixed physical voxel size.
+    """
+
+    shape: tuple[int, int, int]
+    scale: tuple[float, float, float]
+    offset: tuple[float, float, float]
+    is_box: bool = False
+
+    @classmethod
+    def full_fov(cls, input_shape: tuple[int, ...], shape: tuple[int, int, int]) -> GridMap:
+        """The whole input resampled to ``shape`` (voxel centres aligned)."""
+        scale = np.array(input_shape[:3], dtype=float) / np.array(shape, dtype=float)
+        offset = 0.5 * scale - 0.5
+        return cls(tuple(shape), _triple(scale), _triple(offset))
+
+    @classmethod
+    def box(
+        cls,
+        centre: np.ndarray | tuple[float, float, float],
+        input_spacing: tuple[float, float, float],
+        shape: tuple[int, int, int],
+        spacing_mm: float,
+    ) -> GridMap:
+        """A ``shape`` box of ``spacing_mm`` voxels centred on ``centre`` (input voxel coordinates)."""
+        scale = spacing_mm / np.array(input_spacing, dtype=float)
+        offset = np.asarray(centre, dtype=float) - scale * (np.array(shape, dtype=float) - 1) / 2.0
+        return cls(tuple(shape), _triple(scale), _triple(offset), is_box=True)
+
+    def to_input(self, model_voxel: np.ndarray) -> np.ndarray:
+        """Model-grid voxel coordinates -> input voxel coordinates (last axis of length 3)."""
+        return np.asarray(model_voxel, dtype=float) * np.array(self.scale) + np.array(self.offset)
+
+    def sample(self, volume: np.ndarray, order: int = 1) -> np.ndarray:
+        """Resample an input-grid array onto the model grid.
+
+        ``volume`` is ``(I, J, K)`` in canonical order; returns ``self.shape``, float32 for
+        ``order=1`` and the input dtype for ``order=0`` (labels). Outside the input, a
+        full-FOV grid repeats the edge and a box reads 0.
+        """
+        source = volume.astype(np.uint8) if volume.dtype.kind == "b" else volume
+        if order == 1:
+            source = np.asarray(source, dtype=np.float32)
+        if not self.is_box and tuple(source.shape) == self.shape:
+            return source.copy()
+        out = ndimage.affine_transform(
+            source,
+            np.array(self.scale),
+            offset=np.array(self.offset),
+            output_shape=self.shape,
+            order=order,
+            mode="constant" if self.is_box else "nearest",
+            cval=0.0,
+            prefilter=False,
+        )
+        return out.astype(volume.dtype, copy=False) if order == 0 else out
+
+    def back(self, soft_map: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+        """A model-grid soft map onto the input grid by linear interpolation (0 outside a box).
+
+        Returns float32 ``input_shape``.
+        """
+        scale = 1.0 / np.array(self.scale)
+        offset = -np.array(self.offset) * scale
+        return ndimage.affine_transform(
+            np.asarray(soft_map, dtype=np.float32),
+            scale,
+            offset=offset,
+            output_shape=tuple(input_shape),
+            order=1,
+            mode="constant" if self.is_box else "nearest",
+            cval=0.0,
+            prefilter=False,
+        )
+
+
+def _triple(values: np.ndarray) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def prepare_input(canonical: np.ndarray, grid: GridMap, settings: PreprocessSettings) -> np.ndarray:
+    """Sample a canonical-order volume onto ``grid`` and normalise it (float32 ``grid.shape``)."""
+    sampled = grid.sample(canonical)
+    if settings.normalization == "none":
+        return sampled
+    return normalize_intensity(sampled, settings.normalization, settings.percentile_low, settings.percentile_high)
+
+
 def to_model_grid(
-    volume: np.ndarray, affine: np.ndarray, settings: PreprocessSettings
+    volume: np.ndarray,
+    affine: np.ndarray,
+    settings: PreprocessSettings,
 ) -> tuple[np.ndarray, Orientation]:
-    """Reorient (optionally), resample and normalise a volume for the network.
+    """Reorient (optionally), resample the whole field of view and normalise, for the network.
 
     Parameters
     ----------
@@ -203,12 +309,8 @@ def to_model_grid(
     """
     orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
     canonical = orientation.apply(np.asarray(volume, dtype=np.float32))
-    resampled = resample_linear(canonical, settings.target_shape)
-    if settings.normalization != "none":
-        resampled = normalize_intensity(
-            resampled, settings.normalization, settings.percentile_low, settings.percentile_high
-        )
-    return resampled, orientation
+    grid = GridMap.full_fov(canonical.shape, settings.target_shape)
+    return prepare_input(canonical, grid, settings), orientation
 
 
 def labels_to_model_grid(labels: np.ndarray, affine: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
@@ -222,18 +324,24 @@ def labels_to_model_grid(labels: np.ndarray, affine: np.ndarray, settings: Prepr
 
 
 def from_model_grid(
-    soft_map: np.ndarray, input_shape: tuple[int, int, int], orientation: Orientation, threshold: float = 0.5
+    soft_map: np.ndarray,
+    input_shape: tuple[int, int, int],
+    orientation: Orientation,
+    threshold: float = 0.5,
+    grid: GridMap | None = None,
 ) -> np.ndarray:
     """Bring a soft map from the model grid back onto the input grid and threshold it.
 
     Parameters
     ----------
     soft_map
-        ``target_shape`` float in [0, 1] (probabilities or a smoothed mask), canonical order.
+        ``grid.shape`` float in [0, 1] (probabilities or a smoothed mask), canonical order.
     input_shape
         Shape of the original volume in its file voxel order.
     orientation
-        What :func:`to_model_grid` returned for that volume.
+        The orientation used on the way in.
+    grid
+        Where the model grid lay in the canonical input (default: the full field of view).
 
     Returns
     -------
@@ -242,6 +350,7 @@ def from_model_grid(
         ``>= threshold``).
     """
     canonical_shape = tuple(int(s) for s in orientation.apply(np.empty(input_shape, dtype=np.uint8)).shape)
-    resampled = resample_linear(soft_map, canonical_shape)  # type: ignore[arg-type]
+    grid = grid or GridMap.full_fov(canonical_shape, tuple(soft_map.shape))  # type: ignore[arg-type]
+    resampled = grid.back(soft_map, canonical_shape)  # type: ignore[arg-type]
     mask = (resampled >= threshold).astype(np.uint8)
     return np.ascontiguousarray(orientation.invert(mask))

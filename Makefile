@@ -1,0 +1,35 @@
+# spect-node: the two commands of the README's quick start, and their set-up.
+# `make demo` and `make test` create the virtual environment themselves on a fresh machine.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast peers clean-demo
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+## demo: phantom studies -> the shipped model -> masks, metrics and PNG overlays under demo/
+demo: $(STAMP)
+	$(BIN)/spect-train phantom --out demo/data --cases 4 --seed 9000 --render 0
+	$(BIN)/spect-train evaluate --data_root demo/data --out demo/eval --set test.n_visualize=4
+	$(BIN)/spect-train predict --data_root demo/data --out demo/outputs
+	@echo "Figures: demo/outputs/viz_test/*.png  metrics: demo/eval/metrics.csv"
+
+## peers: the real DICOM peers the tests use (Debian packages; needs root)
+peers:
+	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null; }
+
+## test: the whole suite, slow tests included
+test: $(STAMP) peers
+	$(BIN)/pytest -q
+
+clean-demo:
+	rm -rf demo

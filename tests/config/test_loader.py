@@ -1,0 +1,75 @@
+"""Configuration: defaults, files, overrides and the errors users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import AppConfig, ConfigError, default_config_text, load_config
+
+
+def test_defaults_load_and_document_every_key() -> None:
+    config = load_config()
+    assert config.preprocess.target_shape == (64, 64, 56)
+    assert config.model.device == "auto"
+    text = default_config_text()
+    data = yaml.safe_load(text)
+    # every schema field appears in default.yaml, and every line that sets a key carries a comment
+    for section, field in AppConfig.model_fields.items():
+        assert section in data, f"section {section} missing from default.yaml"
+        sub = getattr(field.annotation, "model_fields", None)
+        if sub:
+            assert set(sub) == set(data[section]), f"{section}: keys differ from the schema"
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, f"undocumented setting: {line!r}"
+
+
+def test_partial_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("train:\n  epochs: 3\nmodel:\n  device: cpu\n")
+    config = load_config(path, ["train.lr=0.01", "preprocess.target_shape=[32, 32, 24]"])
+    assert config.train.epochs == 3
+    assert config.train.batch_size == 2  # untouched default survives the partial file
+    assert config.model.device == "cpu"
+    assert config.train.lr == pytest.approx(0.01)
+    assert config.preprocess.target_shape == (32, 32, 24)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.epochs=-1", "train.epochs"),
+        ("train.epoch=3", "train.epoch"),
+        ("train.lr=fast", "train.lr"),
+        ("preprocess.target_shape=[64, 64]", "preprocess.target_shape"),
+        ("preprocess.target_shape=[64, 0, 56]", "preprocess.target_shape"),
+        ("model.device=gpu", "model.device"),
+        ("node.port=70000", "node.port"),
+        ("bogus.key=1", "bogus"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert key in str(info.value)
+
+
+def test_bad_files_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["epochs"])
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match="val_size"):
+        load_config(overrides=["train.val_size=0.6", "train.test_size=0.5"])
+    with pytest.raises(ConfigError, match="percentile_low"):
+        load_config(overrides=["preprocess.percentile_low=99", "preprocess.percentile_high=90"])
