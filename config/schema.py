@@ -54,6 +54,7 @@ class PreprocessSection(Section):
     percentile_low: float = Field(0.0, ge=0, lt=100)
     percentile_high: float = Field(99.9, gt=0, le=100)
     reorient: bool = True
+    crop_spacing_mm: float | None = Field(3.0, gt=0)
 
     @field_validator("target_shape")
     @classmethod
@@ -91,6 +92,8 @@ class TrainSection(Section):
     shuffle: bool = True
     num_workers: int = Field(0, ge=0)
     augment: bool = True
+    full_view_fraction: float = Field(0.3, ge=0, le=1)
+    box_jitter_mm: float = Field(20.0, ge=0)
     max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(1, ge=1)
 

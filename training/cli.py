@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from seg.postprocess import PostprocessSettings
 
 from config import AppConfig, ConfigError, load_config
 from config.logging_setup import configure_logging
 from seg.checkpoint import CheckpointError
+from seg.postprocess import PostprocessSettings
 
 log = logging.getLogger("spect-train")
 

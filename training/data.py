@@ -32,6 +32,7 @@ def preprocess_settings(config: AppConfig) -> PreprocessSettings:
         percentile_low=pre.percentile_low,
         percentile_high=pre.percentile_high,
         reorient=pre.reorient,
+        crop_spacing_mm=pre.crop_spacing_mm,
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from seg.preprocess import PreprocessSettings, labels_to_model_grid, to_model_grid
+from seg.preprocess import GridMap, Orientation, PreprocessSettings, normalize_intensity, prepare_input, voxel_spacing
 from training.augment import AugmentSettings, augment
 from training.discovery import Case
 
@@ -40,45 +40,105 @@ def load_volume(path: Path) -> nib.Nifti1Image:
 
 @dataclass
 class PreparedCase:
-    """A case on the model grid: ``image`` float32 in [0, 1], ``label`` uint8, both ``target_shape``."""
+    """A case ready for training, in canonical (RAS) voxel order.
+
+    Attributes
+    ----------
+    image, label
+        The whole field of view on the model grid: float32 in [0, 1] and uint8, ``target_shape``.
+    box_image, box_label
+        Two-pass models only: a heart-centred box at ``crop_spacing_mm`` voxels, larger than
+        ``target_shape`` by ``margin`` voxels on each side (so training windows can be
+        jittered around the heart); float32 *unnormalised* and uint8.
+    margin
+        Voxels of context on each side of the box.
+    """
 
     base: str
     image: np.ndarray
     label: np.ndarray
+    box_image: np.ndarray | None = None
+    box_label: np.ndarray | None = None
+    margin: int = 0
+
+    def box_window(self, offset: tuple[int, int, int], settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
+        """The ``target_shape`` window at ``offset`` voxels into the box, normalised like at inference."""
+        assert self.box_image is not None and self.box_label is not None
+        window = tuple(slice(o, o + n) for o, n in zip(offset, settings.target_shape, strict=True))
+        image = self.box_image[window]
+        if settings.normalization != "none":
+            image = normalize_intensity(
+                image, settings.normalization, settings.percentile_low, settings.percentile_high
+            )
+        return image, self.box_label[window]
+
+    def centred_box(self, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
+        """The window centred on the heart (validation)."""
+        return self.box_window((self.margin,) * 3, settings)  # type: ignore[arg-type]
+
+
+def prepare_case(case: Case, settings: PreprocessSettings, box_margin: int = 0) -> PreparedCase:
+    """Load one case and bring it to the model grid (and the heart box for two-pass models)."""
+    if case.mask is None:
+        raise CaseLoadError(f"{case.volume}: no mask; cases without a mask are not used for training")
+    volume = load_volume(case.volume)
+    mask = load_volume(case.mask)
+    if volume.shape != mask.shape:
+        raise CaseLoadError(f"{case.mask}: mask shape {mask.shape} differs from volume shape {volume.shape}")
+    orientation = Orientation.to_canonical(volume.affine) if settings.reorient else Orientation.identity()
+    canonical = orientation.apply(np.asarray(volume.dataobj, dtype=np.float32))
+    labels = orientation.apply(np.asarray(mask.dataobj) > 0).astype(np.uint8)
+    full = GridMap.full_fov(canonical.shape, settings.target_shape)
+    prepared = PreparedCase(case.base, prepare_input(canonical, full, settings), full.sample(labels, order=0))
+    if settings.crop_spacing_mm is not None:
+        if not labels.any():
+            raise CaseLoadError(f"{case.mask}: empty mask; a two-pass model needs the heart's position")
+        shape = tuple(n + 2 * box_margin for n in settings.target_shape)
+        spacing = orientation.apply_spacing(voxel_spacing(volume.affine))
+        box = GridMap.box(np.argwhere(labels).mean(axis=0), spacing, shape, settings.crop_spacing_mm)  # type: ignore[arg-type]
+        prepared.box_image = box.sample(canonical)
+        prepared.box_label = box.sample(labels, order=0)
+        prepared.margin = box_margin
+    return prepared
 
 
 def prepare_cases(
-    cases: Sequence[Case], settings: PreprocessSettings, progress: bool = True, desc: str = "loading"
+    cases: Sequence[Case],
+    settings: PreprocessSettings,
+    progress: bool = True,
+    desc: str = "loading",
+    box_margin: int = 0,
 ) -> list[PreparedCase]:
-    """Load, reorient, resample and normalise every case (labels by nearest neighbour)."""
-    prepared = []
-    for case in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False):
-        if case.mask is None:
-            raise CaseLoadError(f"{case.volume}: no mask; cases without a mask are not used for training")
-        volume = load_volume(case.volume)
-        mask = load_volume(case.mask)
-        if volume.shape != mask.shape:
-            raise CaseLoadError(f"{case.mask}: mask shape {mask.shape} differs from volume shape {volume.shape}")
-        image, _ = to_model_grid(np.asarray(volume.dataobj, dtype=np.float32), volume.affine, settings)
-        label = labels_to_model_grid(np.asarray(mask.dataobj), volume.affine, settings)
-        prepared.append(PreparedCase(case.base, image, label))
-    return prepared
+    """:func:`prepare_case` for every case, with a progress bar."""
+    return [
+        prepare_case(case, settings, box_margin)
+        for case in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False)
+    ]
 
 
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Prepared cases as ``(image, label)`` tensors ``(1, I, J, K)`` float32.
 
-    With ``augment`` set, each item is transformed with an RNG seeded from
-    ``(seed, epoch, index)``: reproducible, and resumable mid-run. Call
-    :meth:`set_epoch` at the start of every epoch.
+    For two-pass models each item shows either the whole field of view (with
+    probability ``full_view_fraction``: the model learns to find the heart) or a
+    heart box at a random offset of up to ``margin`` voxels. With ``augment`` set, each
+    item is transformed with an RNG seeded from ``(seed, epoch, index)``: reproducible,
+    and resumable mid-run. Call :meth:`set_epoch` at the start of every epoch.
     """
 
     def __init__(
-        self, cases: Sequence[PreparedCase], augment_settings: AugmentSettings | None = None, seed: int = 0
+        self,
+        cases: Sequence[PreparedCase],
+        settings: PreprocessSettings,
+        augment_settings: AugmentSettings | None = None,
+        seed: int = 0,
+        full_view_fraction: float = 0.3,
     ) -> None:
         self.cases = list(cases)
+        self.settings = settings
         self.augment_settings = augment_settings
         self.seed = seed
+        self.full_view_fraction = full_view_fraction
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,9 +149,12 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         case = self.cases[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         image, label = case.image, case.label
+        if case.box_image is not None and rng.random() >= self.full_view_fraction:
+            offset = tuple(int(o) for o in rng.integers(0, 2 * case.margin + 1, size=3))
+            image, label = case.box_window(offset, self.settings)  # type: ignore[arg-type]
         if self.augment_settings is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
             image, label = augment(image, label, rng, self.augment_settings)
         return (
             torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from seg.metrics import compute_metrics, summarize
 from tqdm import tqdm
 
+from seg.metrics import compute_metrics, summarize
 from seg.predictor import Prediction, Predictor
 from training.dataset import load_volume
 from training.discovery import Case

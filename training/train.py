@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from seg.metrics import dice
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
@@ -24,7 +23,9 @@ from tqdm import tqdm
 from config import AppConfig
 from seg.checkpoint import Checkpoint, load_raw, provenance_record, save_checkpoint
 from seg.inference import autocast_context, resolve_device
+from seg.metrics import dice
 from seg.model import UNet3D, UNetSpec
+from seg.preprocess import PreprocessSettings
 from training.augment import AugmentSettings
 from training.data import DataSelection, preprocess_settings, select_cases
 from training.dataset import PreparedCase, SegmentationDataset, prepare_cases
@@ -137,16 +138,26 @@ def _out_of_time(max_minutes: float | None, started: float, distributed: Distrib
     return bool(stop.item())
 
 
-def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], device: torch.device, precision: str) -> float:
-    """Mean Dice of the thresholded output against the labels, on the model grid."""
+def validate(
+    model: torch.nn.Module,
+    cases: Sequence[PreparedCase],
+    settings: PreprocessSettings,
+    device: torch.device,
+    precision: str,
+) -> float:
+    """Mean Dice of the thresholded output against the labels, on the model grid.
+
+    Two-pass models are scored on the heart box centred on the true heart.
+    """
     model.eval()
     scores = []
     with torch.inference_mode(), autocast_context(device, precision):
         for case in cases:
-            x = torch.from_numpy(case.image)[None, None].to(device)
+            image, label = case.centred_box(settings) if case.box_image is not None else (case.image, case.label)
+            x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
             x = x.contiguous(memory_format=torch.channels_last_3d)
             pred = (model(x)[0, 0].float() >= 0).cpu().numpy()
-            scores.append(dice(pred, case.label.astype(bool)))
+            scores.append(dice(pred, label.astype(bool)))
     model.train()
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -221,7 +232,8 @@ def train(
             split.save(paths.split)
     by_base = {c.base: c for c in cases}
     settings = preprocess_settings(config)
-    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train")
+    margin = 0 if settings.crop_spacing_mm is None else int(round(cfg.box_jitter_mm / settings.crop_spacing_mm))
+    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train", margin)
     val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val")
     log.info(
         "cases: %d train, %d val, %d test (split %s)",
@@ -262,7 +274,7 @@ def train(
     if distributed.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     augment_settings = AugmentSettings() if cfg.augment else None
-    dataset = SegmentationDataset(train_cases, augment_settings, seed)
+    dataset = SegmentationDataset(train_cases, settings, augment_settings, seed, cfg.full_view_fraction)
     criterion = SegmentationLoss(cfg.loss)
     started = time.monotonic()
     epoch = start_epoch
@@ -299,7 +311,7 @@ def train(
             total = torch.tensor([train_loss], dtype=torch.float64)
             dist.all_reduce(total)
             train_loss = float(total.item()) / distributed.world_size
-        val_dice = validate(model, val_cases, device, precision) if val_cases else None
+        val_dice = validate(model, val_cases, settings, device, precision) if val_cases else None
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
