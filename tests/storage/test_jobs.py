@@ -1,0 +1,112 @@
+"""Tests of storage.jobs: enqueue, claim, finish, requeue, crash recovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage import Index, JobState, JobStateError, JobTimings, RecordNotFoundError
+
+
+def test_enqueue_is_idempotent_while_a_job_is_active(index: Index) -> None:
+    first = index.enqueue_job("1.1", now=1.0)
+    assert index.enqueue_job("1.1", now=2.0) == first
+    claimed = index.claim_job("w1", now=3.0)
+    assert claimed is not None and claimed.id == first
+    assert index.enqueue_job("1.1", now=4.0) == first  # running counts as active
+    index.finish_job(first, JobState.DONE, now=5.0)
+    second = index.enqueue_job("1.1", now=6.0)  # finished: a new job may be queued
+    assert second != first
+    assert index.enqueue_job("1.1", kind="other") not in (first, second)
+
+
+def test_claim_takes_the_oldest_due_job_once(index: Index) -> None:
+    ids = [index.enqueue_job(f"1.{n}", now=float(n)) for n in range(3)]
+    claimed = [index.claim_job("w1", now=10.0) for _ in range(4)]
+    assert [job.id for job in claimed if job is not None] == ids
+    assert claimed[-1] is None
+    job = claimed[0]
+    assert job is not None
+    assert (job.state, job.claimed_by, job.started_at, job.attempts) == (JobState.RUNNING, "w1", 10.0, 1)
+
+
+def test_claim_filters_by_kind(index: Index) -> None:
+    index.enqueue_job("1.1", kind="other")
+    wanted = index.enqueue_job("1.2", kind="segment")
+    job = index.claim_job("w1", kinds=["segment"])
+    assert job is not None and job.id == wanted
+    assert index.claim_job("w1", kinds=["segment"]) is None
+    assert index.claim_job("w1", kinds=[]) is None
+
+
+def test_finish_records_state_reason_and_timings(index: Index) -> None:
+    job_id = index.enqueue_job("1.1")
+    index.claim_job("w1")
+    done = index.finish_job(
+        job_id,
+        "failed",
+        reason="no heart found",
+        timings=JobTimings(convert_s=0.25, infer_s=None, encode_s=0.5),
+        now=9.0,
+    )
+    assert (done.state, done.reason, done.finished_at) == (JobState.FAILED, "no heart found", 9.0)
+    assert done.timings == JobTimings(convert_s=0.25, infer_s=None, encode_s=0.5)
+    assert index.job(job_id) == done
+
+
+def test_finish_refuses_bad_transitions(index: Index) -> None:
+    job_id = index.enqueue_job("1.1")
+    with pytest.raises(ValueError):
+        index.finish_job(job_id, JobState.RUNNING)
+    with pytest.raises(RecordNotFoundError):
+        index.finish_job(999, JobState.DONE)
+    skipped = index.finish_job(job_id, JobState.SKIPPED, reason="gated SPECT")  # queued -> skipped
+    assert skipped.state is JobState.SKIPPED
+    with pytest.raises(JobStateError):
+        index.finish_job(job_id, JobState.DONE)
+    job = index.job(job_id)
+    assert job is not None and job.state is JobState.SKIPPED
+
+
+def test_requeue_job_delays_the_next_claim(index: Index) -> None:
+    job_id = index.enqueue_job("1.1")
+    index.claim_job("w1", now=100.0)
+    requeued = index.requeue_job(job_id, "GPU busy", delay_s=30.0, now=100.0)
+    assert (requeued.state, requeued.not_before, requeued.attempts) == (JobState.QUEUED, 130.0, 1)
+    assert index.claim_job("w1", now=129.0) is None
+    again = index.claim_job("w1", now=130.0)
+    assert again is not None and again.id == job_id and again.attempts == 2
+    index.finish_job(job_id, JobState.DONE)
+    with pytest.raises(JobStateError):
+        index.requeue_job(job_id, "too late")
+
+
+def test_stale_running_jobs_are_requeued_with_attempts_kept(index: Index) -> None:
+    running = index.enqueue_job("1.1")
+    queued_later = index.enqueue_job("1.2")
+    index.claim_job("w1")
+    recovered = index.requeue_stale_running_jobs()
+    assert [(job.id, job.state, job.attempts, job.claimed_by) for job in recovered] == [
+        (running, JobState.QUEUED, 1, None)
+    ]
+    job = index.claim_job("w2")
+    assert job is not None and job.id == running and job.attempts == 2  # still first in line
+    assert index.job(queued_later) is not None
+
+
+def test_stale_jobs_over_max_attempts_fail(index: Index) -> None:
+    job_id = index.enqueue_job("1.1")
+    for _ in range(3):
+        index.claim_job("w1")
+        index.requeue_stale_running_jobs(max_attempts=3, now=50.0)
+    job = index.job(job_id)
+    assert job is not None
+    assert (job.state, job.attempts, job.finished_at) == (JobState.FAILED, 3, 50.0)
+    assert "3 times" in (job.reason or "")
+
+
+def test_jobs_lists_newest_first(index: Index) -> None:
+    ids = [index.enqueue_job(f"1.{n}") for n in range(5)]
+    index.claim_job("w1")
+    assert [job.id for job in index.jobs(limit=3)] == ids[::-1][:3]
+    assert [job.id for job in index.jobs(state=JobState.RUNNING)] == [ids[0]]
+    assert [job.id for job in index.jobs(state="queued")] == ids[:0:-1]
