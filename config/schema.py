@@ -148,6 +148,8 @@ class NodeSection(Section):
     send_retry_window: float = Field(3600.0, gt=0)
     send_backoff_base: float = Field(2.0, gt=0)
     send_backoff_max: float = Field(300.0, gt=0)
+    min_free_bytes: int = Field(100_000_000, ge=0)
+    test_pause_at: Literal["convert", "infer", "encode"] | None = None
 
 
 class PeerSection(Section):

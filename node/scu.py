@@ -100,9 +100,7 @@ def send_datasets(
         AE(ae_title=calling_ae_title), timeouts.acse, timeouts.dimse, timeouts.network, timeouts.maximum_pdu_size
     )
     ae.requested_contexts = _contexts(datasets)
-    assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS, tls_args=tls_args
-    )
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS, tls_args=tls_args)
     if not assoc.is_established:
         outcome.error = f"association with {peer} failed (rejected, aborted or unreachable)"
         return outcome

@@ -195,6 +195,32 @@ class ResultsMixin:
             ).fetchall()
         return sorted((DeliveryRecord.from_row(row) for row in rows), key=lambda d: d.id)
 
+    def reset_deliveries(
+        self, result_id: int | None = None, states: Sequence[str] = ("failed",), now: float | None = None
+    ) -> list[DeliveryRecord]:
+        """Make deliveries due again (``spect-node resend``): state pending, attempts 0, due now.
+
+        Parameters
+        ----------
+        result_id
+            Only this result's deliveries; ``None`` = all results.
+        states
+            Which states to reset (default: the failed ones; add ``done`` to send again).
+        """
+        now = _now(now)
+        placeholders = ", ".join("?" for _ in states)
+        sql = (
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?,"
+            f" updated_at = ?, last_error = NULL WHERE state IN ({placeholders})"
+        )
+        params: list[object] = [now, now, now, *[str(s) for s in states]]
+        if result_id is not None:
+            sql += " AND result_id = ?"
+            params.append(result_id)
+        with self._db.write() as conn:
+            rows = conn.execute(sql + " RETURNING *", params).fetchall()
+        return sorted((DeliveryRecord.from_row(row) for row in rows), key=lambda d: d.id)
+
     def mark_delivery(
         self,
         delivery_id: int,

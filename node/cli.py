@@ -1,0 +1,200 @@
+"""``spect-node``: run the node, inspect it, and send DICOM to a peer.
+
+The CLI builds the configuration once and maps flags onto it; the work is done by
+the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from config import AppConfig, ConfigError, load_config
+from config.logging_setup import configure_logging
+
+log = logging.getLogger("spect-node")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML configuration file (may be partial)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="spect-node", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("serve", help="run the node until SIGTERM/SIGINT"))
+    _common(sub.add_parser("status", help="print the jobs table"))
+    results = sub.add_parser("results", help="list SEG results with their source series and send state")
+    results.add_argument("--study", help="only this Study Instance UID")
+    _common(results)
+    resend = sub.add_parser("resend", help="send stored SEGs again")
+    group = resend.add_mutually_exclusive_group(required=True)
+    group.add_argument("--job", type=int, help="every delivery of this job's result")
+    group.add_argument("--all-failed", action="store_true", help="every failed delivery")
+    _common(resend)
+    reprocess = sub.add_parser("reprocess", help="run inference again on a stored series")
+    reprocess.add_argument("series_uid")
+    _common(reprocess)
+    send = sub.add_parser("send", help="C-STORE files (or folders, recursively) to a peer")
+    send.add_argument("paths", nargs="+", type=Path)
+    send.add_argument("--to", required=True, help="destination AE_TITLE@host:port")
+    send.add_argument("--aet", default="SPECTSEND", help="calling AE title (default SPECTSEND)")
+    _common(send)
+    demo = sub.add_parser("demo", help="phantom studies -> node -> SEG at a stand-in PACS, with Dice and a PNG")
+    demo.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default demo/)")
+    demo.add_argument("--studies", type=int, default=2, help="phantom studies to send")
+    _common(demo)
+    return parser
+
+
+def _when(timestamp: float | None) -> str:
+    return "-" if timestamp is None else dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _serve(config: AppConfig) -> int:
+    from node.service import Node
+
+    node = Node.start(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"spect-node {config.node.ae_title} listening on {config.node.host}:{node.port}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+    return 0
+
+
+def _status(config: AppConfig) -> int:
+    from storage import Index
+
+    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+        jobs = index.jobs(limit=200)
+        print(
+            f"{'job':>5} {'state':<8} {'att':>3} {'created':<19} {'finished':<19} {'conv s':>6} {'inf s':>6} "
+            f"{'enc s':>6}  series / reason"
+        )
+        for job in jobs:
+            timings = [getattr(job, name, None) for name in ("convert_s", "infer_s", "encode_s")]
+            cells = " ".join(f"{t:>6.2f}" if t is not None else f"{'-':>6}" for t in timings)
+            print(
+                f"{job.id:>5} {job.state:<8} {job.attempts:>3} {_when(job.created_at):<19} "
+                f"{_when(job.finished_at):<19} {cells}  {job.series_instance_uid}"
+                + (f"  ({job.reason})" if job.reason else "")
+            )
+        if not jobs:
+            print("no jobs yet")
+    return 0
+
+
+def _results(config: AppConfig, study: str | None) -> int:
+    from storage import Index
+
+    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+        results = index.results(study_uid=study)
+        for result in results:
+            deliveries = index.deliveries(result_id=result.id)
+            sent = ", ".join(f"{d.peer_ae_title}:{d.state}" for d in deliveries) or "no destination"
+            volume = "-" if result.myocardium_volume_ml is None else f"{result.myocardium_volume_ml:.1f} mL"
+            print(
+                f"SEG {result.seg_sop_instance_uid}\n  study  {result.study_instance_uid}\n"
+                f"  source {result.source_series_instance_uid}\n  myocardium {volume}; model {result.model_name}; "
+                f"created {_when(result.created_at)}; sent {sent}"
+            )
+        if not results:
+            print("no results" + (f" for study {study}" if study else ""))
+    return 0
+
+
+def _resend(config: AppConfig, job_id: int | None) -> int:
+    from storage import Index
+
+    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+        if job_id is not None:
+            result = index.result_for_job(job_id)
+            if result is None:
+                raise ValueError(f"job {job_id} has no result to send")
+            reset = index.reset_deliveries(result.id, states=("failed", "done", "pending"))
+        else:
+            reset = index.reset_deliveries(None, states=("failed",))
+    print(f"{len(reset)} deliver{'y' if len(reset) == 1 else 'ies'} queued again (a running node sends them)")
+    return 0
+
+
+def _reprocess(config: AppConfig, series_uid: str) -> int:
+    from storage import Index
+
+    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+        if index.series(series_uid) is None:
+            raise ValueError(f"series {series_uid} is not stored on this node")
+        job_id = index.enqueue_job(series_uid)
+    print(f"job {job_id} queued for series {series_uid} (a running node processes it)")
+    return 0
+
+
+def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig) -> int:
+    from node.network import PeerAddress
+    from node.scu import send_files
+    from node.service import node_timeouts
+
+    peer = PeerAddress.parse(to)
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    outcome = send_files(files, peer, aet, node_timeouts(config), progress=True)
+    ok = len(outcome.statuses) - outcome.n_failed
+    print(f"sent {ok}/{len(files)} instance(s) to {peer}" + (f"; error: {outcome.error}" if outcome.error else ""))
+    return 0 if outcome.all_succeeded and ok == len(files) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``spect-node``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.command == "serve":
+            return _serve(config)
+        if args.command == "status":
+            return _status(config)
+        if args.command == "results":
+            return _results(config, args.study)
+        if args.command == "resend":
+            return _resend(config, args.job)
+        if args.command == "reprocess":
+            return _reprocess(config, args.series_uid)
+        if args.command == "send":
+            return _send(args.paths, args.to, args.aet, config)
+        from node.demo import run_demo
+
+        return run_demo(config, args.out, args.studies)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"spect-node {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

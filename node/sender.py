@@ -1,0 +1,111 @@
+"""Delivering SEG results to the configured peers, with retries that survive restarts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from node.network import PeerAddress
+from node.scu import Timeouts, send_files
+from storage import DeliveryRecord, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff between attempts, up to a count and a time window."""
+
+    max_attempts: int = 10
+    window_s: float = 3600.0
+    base_s: float = 2.0
+    max_s: float = 300.0
+
+
+class ResultSender:
+    """Sends due deliveries (one C-STORE association per delivery) until stopped.
+
+    Parameters
+    ----------
+    peers
+        AE title -> address of every destination.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        peers: Mapping[str, PeerAddress],
+        calling_ae_title: str,
+        timeouts: Timeouts,
+        policy: RetryPolicy,
+        tls_args: tuple | None = None,
+    ) -> None:
+        self.storage = storage
+        self.peers = dict(peers)
+        self.calling_ae_title = calling_ae_title
+        self.timeouts = timeouts
+        self.policy = policy
+        self.tls_args = tls_args
+        self.stop_event = threading.Event()
+
+    def run(self, poll_interval: float = 0.2) -> None:
+        """Deliver until :attr:`stop_event` is set."""
+        while not self.stop_event.is_set():
+            if not self.send_due():
+                self.stop_event.wait(poll_interval)
+
+    def send_due(self, now: float | None = None) -> int:
+        """Attempt every delivery that is due now; returns how many were attempted."""
+        deliveries = self.storage.index.claim_due_deliveries(now=now if now is not None else time.time())
+        for delivery in deliveries:
+            self.attempt(delivery)
+        return len(deliveries)
+
+    def attempt(self, delivery: DeliveryRecord) -> bool:
+        """One C-STORE attempt of one delivery; records success or schedules the retry."""
+        index = self.storage.index
+        result = index.result(delivery.result_id)
+        peer = self.peers.get(delivery.peer_ae_title)
+        if result is None or peer is None:
+            error = "result not found" if result is None else f"peer {delivery.peer_ae_title} is not configured"
+            index.mark_delivery(delivery.id, success=False, error=error, max_attempts=1)
+            log.error("delivery %d failed: %s", delivery.id, error)
+            return False
+        outcome = send_files(
+            [self.storage.layout.resolve(result.path)],
+            peer,
+            self.calling_ae_title,
+            self.timeouts,
+            tls_args=self.tls_args,
+        )
+        error = None if outcome.all_succeeded else (outcome.error or f"peer answered {outcome.statuses}")
+        record = index.mark_delivery(
+            delivery.id,
+            success=error is None,
+            error=error,
+            base_s=self.policy.base_s,
+            max_s=self.policy.max_s,
+            max_attempts=self.policy.max_attempts,
+            retry_window_s=self.policy.window_s,
+        )
+        if error is None:
+            log.info(
+                "SEG %s sent to %s (study=%s series=%s)",
+                result.seg_sop_instance_uid,
+                peer,
+                result.study_instance_uid,
+                result.source_series_instance_uid,
+            )
+        else:
+            log.warning(
+                "SEG %s to %s: attempt %d failed: %s (now %s)",
+                result.seg_sop_instance_uid,
+                peer,
+                record.attempts,
+                error,
+                record.state,
+            )
+        return error is None

@@ -1,0 +1,162 @@
+"""The node as a service: start, serve, stop accepting on SIGTERM, drain, exit.
+
+Threads: pynetdicom's association threads (receive only), one segmentation worker
+(inference serialised), one result sender, one series-assembly sweeper.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from config import AppConfig
+from node.network import PeerAddress, configure_timeouts
+from node.receiver import Receiver
+from node.scp import build_ae, server_handlers
+from node.scu import Timeouts
+from node.sender import ResultSender, RetryPolicy
+from node.worker import SegmentationWorker, WorkerSettings
+from seg.postprocess import PostprocessSettings
+from seg.predictor import Predictor
+from storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def node_timeouts(config: AppConfig) -> Timeouts:
+    """The configured association/DIMSE/network timeouts and PDU size."""
+    node = config.node
+    return Timeouts(node.acse_timeout, node.dimse_timeout, node.network_timeout, node.maximum_pdu_size)
+
+
+class PredictorHolder:
+    """Loads the model once (at start-up) and hands it to the worker.
+
+    A model that cannot be loaded is remembered as an error: each job then fails with
+    that reason, and the node keeps receiving.
+    """
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self._predictor: Predictor | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        with self._lock:
+            model = self.config.model
+            try:
+                self._predictor = Predictor.from_file(
+                    model.weights,
+                    postprocess=PostprocessSettings(**self.config.postprocess.model_dump()),
+                    device=model.device,
+                    precision=model.precision,
+                    seed_target_shape=self.config.preprocess.target_shape,
+                ).warm_up()
+                self._error = None
+                log.info("model %s loaded from %s", self._predictor.description, model.weights)
+            except Exception as exc:  # any load failure: jobs fail with the reason, receiving goes on
+                self._predictor = None
+                self._error = f"model unavailable ({model.weights}): {exc}"
+                log.error("%s", self._error)
+
+    def __call__(self) -> Predictor:
+        if self._predictor is None:
+            self.load()
+        if self._predictor is None:
+            raise RuntimeError(self._error or "model unavailable")
+        return self._predictor
+
+
+@dataclass
+class Node:
+    """One running node (build with :meth:`start`)."""
+
+    config: AppConfig
+    storage: Storage
+    server: ThreadedAssociationServer
+    worker: SegmentationWorker
+    sender: ResultSender
+    receiver: Receiver
+    threads: list[threading.Thread] = field(default_factory=list)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with ``node.port: 0``)."""
+        return int(self.server.server_address[1])
+
+    @classmethod
+    def start(cls, config: AppConfig, load_model: bool = True) -> Node:
+        """Open storage (re-queueing work a crash left running), load the model, start serving."""
+        node_cfg = config.node
+        storage = Storage.open(config.storage.root, min_free_bytes=node_cfg.min_free_bytes, recover=True)
+        predictor = PredictorHolder(config)
+        if load_model:
+            predictor.load()
+        destinations = tuple(p.ae_title for p in config.peers if p.send_results)
+        worker = SegmentationWorker(
+            storage,
+            predictor,
+            WorkerSettings(
+                accept_pet_like=node_cfg.accept_pet_like,
+                seg_series_number=node_cfg.seg_series_number,
+                seg_series_description=node_cfg.seg_series_description,
+                destinations=destinations,
+                pause_at=node_cfg.test_pause_at,
+            ),
+            worker_id=f"{node_cfg.ae_title}-worker",
+        )
+        sender = ResultSender(
+            storage,
+            {p.ae_title: PeerAddress(p.ae_title, p.host, p.port) for p in config.peers},
+            node_cfg.ae_title,
+            node_timeouts(config),
+            RetryPolicy(
+                node_cfg.send_max_attempts,
+                node_cfg.send_retry_window,
+                node_cfg.send_backoff_base,
+                node_cfg.send_backoff_max,
+            ),
+        )
+        receiver = Receiver(storage)
+        ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
+        t = node_timeouts(config)
+        configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
+        server = ae.start_server((node_cfg.host, node_cfg.port), block=False, evt_handlers=server_handlers(receiver))
+        node = cls(config, storage, server, worker, sender, receiver)
+        node._start_threads()
+        log.info(
+            "node %s listening on %s:%d (storage %s)", node_cfg.ae_title, node_cfg.host, node.port, config.storage.root
+        )
+        return node
+
+    def _start_threads(self) -> None:
+        idle = self.config.node.series_idle_timeout
+
+        def sweep() -> None:
+            while not self.stop_event.wait(min(1.0, idle / 4)):
+                try:
+                    self.receiver.sweep_idle(idle)
+                except Exception:  # keep sweeping; the next round retries
+                    log.exception("series sweep failed")
+
+        for name, target in (("worker", self.worker.run), ("sender", self.sender.run), ("sweeper", sweep)):
+            thread = threading.Thread(target=target, name=f"spect-node-{name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop accepting associations, let the job in hand finish, stop the threads, close storage."""
+        log.info("stopping: no new associations; finishing the job in hand")
+        self.server.shutdown()
+        self.stop_event.set()
+        self.worker.stop_event.set()
+        self.sender.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout)
+        self.storage.close()
+        log.info("stopped")

@@ -1,0 +1,205 @@
+"""The segmentation worker: claims jobs, converts, segments, encodes the SEG, queues deliveries.
+
+Runs on its own thread, never on an association thread. Every state change is a row
+in the index, so a node killed at any point restarts and finishes what it had
+accepted. The SEG's UIDs derive from the job, so a job re-run after a crash builds
+the same SOP Instance UID and a PACS keeps one object.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from node.convert import is_reconstructed_emission, series_to_nifti
+from node.errors import UnsupportedSeriesError
+from node.seg_encode import build_seg, with_research_marking
+from seg.predictor import Predictor
+from storage import Job, JobState, JobTimings, NewResult, Storage
+
+log = logging.getLogger(__name__)
+
+STAGES = ("convert", "infer", "encode", "send")
+RESEARCH_CONTENT = "LV myocardium by spect-node; RESEARCH USE ONLY - NOT FOR CLINICAL DIAGNOSIS"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker needs from the configuration.
+
+    ``pause_at`` is a test-only hook: the worker blocks at that stage of every job (so
+    a test can kill the node there); never set it in production.
+    """
+
+    accept_pet_like: bool
+    seg_series_number: int
+    seg_series_description: str
+    destinations: tuple[str, ...]
+    pause_at: str | None = None
+
+
+def seg_uids(job: Job) -> tuple[str, str]:
+    """SEG SOP Instance and Series Instance UIDs, fixed by the job (same job, same UIDs)."""
+    sources = [job.series_instance_uid, str(job.id), str(job.created_at)]
+    return (
+        generate_uid(entropy_srcs=["seg-instance", *sources]),
+        generate_uid(entropy_srcs=["seg-series", *sources]),
+    )
+
+
+class SegmentationWorker:
+    """Processes queued jobs one at a time (inference is serialised).
+
+    Parameters
+    ----------
+    storage
+        Files and index.
+    predictor_factory
+        Returns the loaded :class:`~seg.predictor.Predictor` (raises if the model is unusable:
+        the job fails with the reason and the node keeps receiving).
+    settings
+        SEG identity, destinations and the test-only pause.
+    """
+
+    def __init__(
+        self, storage: Storage, predictor_factory: Callable[[], Predictor], settings: WorkerSettings, worker_id: str
+    ) -> None:
+        self.storage = storage
+        self.predictor_factory = predictor_factory
+        self.settings = settings
+        self.worker_id = worker_id
+        self.stop_event = threading.Event()
+        self.idle = threading.Event()
+
+    def _pause(self, stage: str) -> None:
+        if self.settings.pause_at == stage:
+            log.warning("test-only pause at stage %r (node.test_pause_at)", stage)
+            while not self.stop_event.wait(3600):
+                pass
+
+    def run(self, poll_interval: float = 0.2) -> None:
+        """Claim and process jobs until :attr:`stop_event` is set (the job in hand is finished)."""
+        while not self.stop_event.is_set():
+            job = self.storage.index.claim_job(self.worker_id)
+            if job is None:
+                self.idle.set()
+                self.stop_event.wait(poll_interval)
+                continue
+            self.idle.clear()
+            self.process(job)
+
+    def process(self, job: Job) -> JobState:
+        """Run one job to a final state (done, skipped or failed); never raises."""
+        index = self.storage.index
+        series = job.series_instance_uid
+        try:
+            existing = index.result_for_job(job.id)
+            if existing is not None:  # crashed after the SEG was recorded: nothing to redo
+                index.finish_job(job.id, JobState.DONE)
+                return JobState.DONE
+            datasets = self._load(series)
+            accepted, reason = is_reconstructed_emission(datasets[0], accept_pet_like=self.settings.accept_pet_like)
+            if not accepted:
+                log.info("job %d series=%s skipped: %s", job.id, series, reason)
+                index.finish_job(job.id, JobState.SKIPPED, reason=reason)
+                return JobState.SKIPPED
+            return self._segment(job, datasets)
+        except UnsupportedSeriesError as exc:
+            log.info("job %d series=%s skipped: %s", job.id, series, exc)
+            index.finish_job(job.id, JobState.SKIPPED, reason=str(exc))
+            return JobState.SKIPPED
+        except Exception as exc:  # a job fails with its reason; the node keeps running
+            log.exception("job %d series=%s failed", job.id, series)
+            index.finish_job(job.id, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}")
+            return JobState.FAILED
+
+    def _load(self, series_uid: str) -> list[Dataset]:
+        records = self.storage.index.instances_for_series(series_uid)
+        if not records:
+            raise ValueError(f"series {series_uid} has no stored instance")
+        return [dcmread(self.storage.layout.resolve(r.path)) for r in records]
+
+    def _segment(self, job: Job, datasets: Sequence[Dataset]) -> JobState:
+        series = job.series_instance_uid
+        self._pause("convert")
+        t0 = time.perf_counter()
+        converted = series_to_nifti(datasets)
+        nifti_path = self.storage.layout.nifti_path(series)
+        nifti_path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(converted.image, str(nifti_path))
+        t1 = time.perf_counter()
+        self._pause("infer")
+        predictor = self.predictor_factory()
+        prediction = predictor.predict_array(
+            np.asarray(converted.image.dataobj, dtype=np.float32), converted.image.affine
+        )
+        nib.save(
+            nib.Nifti1Image(prediction.mask, converted.image.affine),
+            str(nifti_path.with_name(nifti_path.name.replace(".nii.gz", "_myocardium.nii.gz"))),
+        )
+        t2 = time.perf_counter()
+        self._pause("encode")
+        sop_uid, series_uid = seg_uids(job)
+        version = str(predictor.checkpoint.provenance.get("code_version", "seed"))
+        seg = build_seg(
+            datasets,
+            prediction.mask,
+            converted_series_refs=converted.references,
+            series_number=self.settings.seg_series_number,
+            series_description=with_research_marking(self.settings.seg_series_description),
+            content_description=RESEARCH_CONTENT,
+            algorithm_name=f"spect-node UNet3D f{predictor.checkpoint.spec.init_features}",
+            algorithm_version=version[:64],
+            manufacturer="spect-node",
+            software_versions=version[:64],
+            sop_instance_uid=sop_uid,
+            series_instance_uid=series_uid,
+        )
+        buffer = io.BytesIO()
+        seg.save_as(buffer, enforce_file_format=True)
+        record, _ = self.storage.store_instance(buffer.getvalue(), seg, calling_ae_title=None, is_result=True)
+        t3 = time.perf_counter()
+        spacing = np.sqrt((converted.image.affine[:3, :3] ** 2).sum(axis=0))
+        volume_ml = float(prediction.mask.sum() * np.prod(spacing) / 1000.0)
+        self.storage.index.finish_job_with_result(
+            NewResult(
+                job_id=job.id,
+                study_instance_uid=record.study_instance_uid,
+                source_series_instance_uid=series,
+                seg_sop_instance_uid=sop_uid,
+                seg_series_instance_uid=series_uid,
+                path=record.path,
+                myocardium_volume_ml=round(volume_ml, 2),
+                model_name=predictor.description,
+                model_version=version,
+            ),
+            list(self.settings.destinations),
+            timings=JobTimings(convert_s=t1 - t0, infer_s=t2 - t1, encode_s=t3 - t2),
+        )
+        log.info(
+            "job %d series=%s done: SEG %s, %.1f mL, convert %.2f s, infer %.2f s, encode %.2f s",
+            job.id,
+            series,
+            sop_uid,
+            volume_ml,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+        )
+        return JobState.DONE
+
+
+def stored_path(storage: Storage, relative: str) -> Path:
+    """Absolute path of a file recorded in the index."""
+    return storage.layout.resolve(relative)
