@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from pydicom import dcmread
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import SegmentationStorage, Verification
 
 from config import AppConfig
 from config.schema import PeerSection
 from node.convert import series_to_nifti
-from node.network import NODELAY_HANDLERS, PeerAddress
+from node.network import PeerAddress
 from node.nm_writer import dataset_to_bytes, nifti_to_nm
-from node.scp import SUCCESS, TRANSFER_SYNTAXES
 from node.scu import send_files
 from node.seg_encode import read_seg_mask
 from node.service import Node, node_timeouts
+from node.standin_pacs import PACS_AE, StandInPacs
 from seg.metrics import compute_metrics
 from training.figures import plot_prediction
 from training.phantom import generate_case
@@ -35,43 +32,6 @@ from training.phantom import generate_case
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 777
-PACS_AE = "DEMOPACS"
-
-
-class StandInPacs:
-    """A minimal storage SCP standing in for the PACS: keeps every SEG it receives."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.received: dict[str, bytes] = {}
-        self.arrived = threading.Condition()
-        ae = AE(ae_title=PACS_AE)
-        ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
-        ae.add_supported_context(SegmentationStorage, TRANSFER_SYNTAXES)
-        self.server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_STORE, self._on_store)]
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def _on_store(self, event: evt.Event) -> int:
-        data = event.encoded_dataset(include_meta=True)
-        uid = str(event.request.AffectedSOPInstanceUID)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"{uid}.dcm").write_bytes(data)
-        with self.arrived:
-            self.received[uid] = data
-            self.arrived.notify_all()
-        return SUCCESS
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        with self.arrived:
-            return self.arrived.wait_for(lambda: len(self.received) >= count, timeout)
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 def _write_studies(out: Path, n: int) -> list[tuple[Path, object]]:

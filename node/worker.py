@@ -149,6 +149,8 @@ class SegmentationWorker:
             str(nifti_path.with_name(nifti_path.name.replace(".nii.gz", "_myocardium.nii.gz"))),
         )
         t2 = time.perf_counter()
+        if not prediction.mask.any():
+            raise ValueError("no myocardium found in the volume; no SEG is made")
         self._pause("encode")
         sop_uid, series_uid = seg_uids(job)
         version = str(predictor.checkpoint.provenance.get("code_version", "seed"))

@@ -1,0 +1,215 @@
+"""In-process round trips: pynetdicom SCU -> the node -> a storage SCP standing in for the PACS."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from config import load_config
+from config.schema import PeerSection
+from node.convert import series_to_nifti
+from node.network import PeerAddress
+from node.nm_writer import nifti_to_nm, nifti_to_nm_series, nifti_to_pet_like_series
+from node.scu import send_datasets
+from node.seg_encode import read_seg_mask
+from node.service import Node
+from node.standin_pacs import PACS_AE, StandInPacs
+from storage import JobState
+
+REPO = Path(__file__).resolve().parents[2]
+WEIGHTS = REPO / "models" / "unet3d_weights.pth"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _phantom(kind: str = "axial") -> nib.Nifti1Image:
+    """A small SPECT-like volume: a hot ellipsoidal cup (the myocardium) in a warm body."""
+    shape = (64, 64, 56)
+    i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    r = np.sqrt(((i - 36) / 9) ** 2 + ((j - 28) / 8) ** 2 + ((k - 30) / 10) ** 2)
+    cup = (r > 0.62) & (r < 1.0) & (k > 24)
+    body = ((i - 32) / 28) ** 2 + ((j - 32) / 22) ** 2 < 1
+    rng = np.random.default_rng(0)
+    volume = rng.poisson(np.where(cup, 120.0, np.where(body, 12.0, 0.0))).astype(np.float32)
+    from scipy import ndimage
+
+    volume = ndimage.gaussian_filter(volume, 1.0)
+    affine = np.diag([-6.4, -6.4, 6.4, 1.0])
+    affine[:3, 3] = [200.0, 180.0, -170.0]
+    if kind == "oblique":
+        t = np.deg2rad(25.0)
+        rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+        affine[:3, :3] = rotation @ affine[:3, :3]
+    return nib.Nifti1Image(volume, affine)
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
+    server = StandInPacs(tmp_path / "pacs")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, pacs: StandInPacs) -> Iterator[Node]:
+    if not WEIGHTS.is_file():
+        pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
+    config = load_config(
+        overrides=[
+            f"storage.root={tmp_path / 'node'}",
+            "node.port=0",
+            "node.series_idle_timeout=1",
+            f"model.weights={WEIGHTS}",
+            "model.device=cpu",
+            "node.min_free_bytes=0",
+        ]
+    )
+    config.peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port)]
+    running = Node.start(config)
+    yield running
+    running.stop()
+
+
+def _send(node: Node, datasets) -> None:
+    outcome = send_datasets(datasets, PeerAddress("SPECTNODE", "127.0.0.1", node.port), "TESTSCU")
+    assert outcome.all_succeeded, outcome
+
+
+def _seg_for(pacs: StandInPacs, series_uid: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for data in list(pacs.received.values()):
+            seg = dcmread(io.BytesIO(data))
+            if str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == series_uid:
+                return seg, data
+        time.sleep(0.1)
+    raise AssertionError(f"no SEG for series {series_uid} within {timeout} s")
+
+
+def _check_seg_on_same_voxels(node: Node, datasets, seg_bytes: bytes) -> np.ndarray:
+    """The SEG read back equals the model's mask on the converted source grid, voxel for voxel."""
+    converted = series_to_nifti(datasets)
+    expected = (
+        node.worker.predictor_factory()
+        .predict_array(np.asarray(converted.image.dataobj, dtype=np.float32), converted.image.affine)
+        .mask
+    )
+    got = read_seg_mask(seg_bytes, converted.references)
+    assert got.shape == expected.shape
+    assert np.array_equal(got.astype(bool), expected.astype(bool))
+    assert got.sum() > 50
+    return got
+
+
+@pytest.mark.parametrize(("kind", "negative"), [("axial", False), ("axial", True), ("oblique", False)])
+def test_nm_multiframe(node: Node, pacs: StandInPacs, kind: str, negative: bool) -> None:
+    source = nifti_to_nm(_phantom(kind), negative_spacing=negative, patient_name="Test^NM", patient_id="NM1")
+    _send(node, [source])
+    seg, data = _seg_for(pacs, str(source.SeriesInstanceUID))
+    assert seg.Modality == "SEG"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.PatientID == source.PatientID
+    assert int(seg.SeriesNumber) == node.config.node.seg_series_number
+    assert "RESEARCH USE ONLY" in seg.SeriesDescription and "RESEARCH USE ONLY" in seg.ContentDescription
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "49848007"
+    roundtrip = dcmread(io.BytesIO(data))
+    _check_seg_on_same_voxels(node, [dcmread(io.BytesIO(_bytes(source)))], data)
+    assert roundtrip.SOPInstanceUID == seg.SOPInstanceUID
+
+
+def _bytes(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_nm_one_slice_per_file(node: Node, pacs: StandInPacs) -> None:
+    files = nifti_to_nm_series(_phantom(), patient_name="Test^Slices", patient_id="NM2")
+    _send(node, files)
+    seg, data = _seg_for(pacs, str(files[0].SeriesInstanceUID))
+    _check_seg_on_same_voxels(node, [dcmread(io.BytesIO(_bytes(f))) for f in files], data)
+
+
+def test_pet_like_series(node: Node, pacs: StandInPacs) -> None:
+    files = nifti_to_pet_like_series(_phantom(), modality="NM", patient_name="Test^Pet", patient_id="PT1")
+    _send(node, files)
+    seg, data = _seg_for(pacs, str(files[0].SeriesInstanceUID))
+    _check_seg_on_same_voxels(node, [dcmread(io.BytesIO(_bytes(f))) for f in files], data)
+
+
+def test_non_spect_series_is_stored_not_processed(node: Node, pacs: StandInPacs) -> None:
+    projection = nifti_to_nm(_phantom(), patient_name="Test^Proj", patient_id="NM3")
+    projection.ImageType = ["ORIGINAL", "PRIMARY", "TOMO", "EMISSION"]  # raw projections
+    _send(node, [projection])
+    series = str(projection.SeriesInstanceUID)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = node.storage.index.jobs_for_series(series)
+        if jobs and jobs[-1].state == JobState.SKIPPED:
+            break
+        time.sleep(0.1)
+    jobs = node.storage.index.jobs_for_series(series)
+    assert jobs and jobs[-1].state == JobState.SKIPPED and jobs[-1].reason
+    assert node.storage.index.instance(str(projection.SOPInstanceUID)) is not None
+    assert not node.storage.index.results(str(projection.StudyInstanceUID))
+
+
+def test_resent_instance_is_idempotent(node: Node, pacs: StandInPacs) -> None:
+    source = nifti_to_nm(_phantom(), patient_name="Test^Twice", patient_id="NM4")
+    _send(node, [source])
+    _seg_for(pacs, str(source.SeriesInstanceUID))
+    _send(node, [source])
+    time.sleep(1.0)
+    assert len(node.storage.index.instances_for_series(str(source.SeriesInstanceUID))) == 1
+    assert len(node.storage.index.jobs_for_series(str(source.SeriesInstanceUID))) == 1
+
+
+def test_destination_down_then_up(tmp_path: Path) -> None:
+    port = _free_port()
+    config = load_config(
+        overrides=[
+            f"storage.root={tmp_path / 'node'}",
+            "node.port=0",
+            f"model.weights={WEIGHTS}",
+            "model.device=cpu",
+            "node.send_backoff_base=0.5",
+            "node.send_backoff_max=1",
+            "node.min_free_bytes=0",
+        ]
+    )
+    config.peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=port)]
+    running = Node.start(config)
+    try:
+        source = nifti_to_nm(_phantom(), patient_name="Test^Down", patient_id="NM5")
+        _send(running, [source])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            failed_attempts = [d for d in running.storage.index.deliveries() if d.attempts >= 2]
+            if failed_attempts:
+                break
+            time.sleep(0.1)
+        assert failed_attempts, "the node should have tried (and failed) to deliver while the PACS was down"
+        pacs = StandInPacs(tmp_path / "pacs", port=port)
+        try:
+            seg, _ = _seg_for(pacs, str(source.SeriesInstanceUID), timeout=30)
+            time.sleep(1.5)
+            assert len(pacs.received) == 1  # one object, however many attempts
+        finally:
+            pacs.stop()
+        (delivery,) = running.storage.index.deliveries()
+        assert delivery.state == "done" and delivery.attempts >= 3
+    finally:
+        running.stop()
