@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from pydicom import dcmread
+from studies import WEIGHTS, free_port, spect_like_volume
 
 from config import load_config
 from config.schema import PeerSection
@@ -23,36 +22,6 @@ from node.seg_encode import read_seg_mask
 from node.service import Node
 from node.standin_pacs import PACS_AE, StandInPacs
 from storage import JobState
-
-REPO = Path(__file__).resolve().parents[2]
-WEIGHTS = REPO / "models" / "unet3d_weights.pth"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _phantom(kind: str = "axial") -> nib.Nifti1Image:
-    """A small SPECT-like volume: a hot ellipsoidal cup (the myocardium) in a warm body."""
-    shape = (64, 64, 56)
-    i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
-    r = np.sqrt(((i - 36) / 9) ** 2 + ((j - 28) / 8) ** 2 + ((k - 30) / 10) ** 2)
-    cup = (r > 0.62) & (r < 1.0) & (k > 24)
-    body = ((i - 32) / 28) ** 2 + ((j - 32) / 22) ** 2 < 1
-    rng = np.random.default_rng(0)
-    volume = rng.poisson(np.where(cup, 120.0, np.where(body, 12.0, 0.0))).astype(np.float32)
-    from scipy import ndimage
-
-    volume = ndimage.gaussian_filter(volume, 1.0)
-    affine = np.diag([-6.4, -6.4, 6.4, 1.0])
-    affine[:3, 3] = [200.0, 180.0, -170.0]
-    if kind == "oblique":
-        t = np.deg2rad(25.0)
-        rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
-        affine[:3, :3] = rotation @ affine[:3, :3]
-    return nib.Nifti1Image(volume, affine)
 
 
 @pytest.fixture
@@ -115,7 +84,7 @@ def _check_seg_on_same_voxels(node: Node, datasets, seg_bytes: bytes) -> np.ndar
 
 @pytest.mark.parametrize(("kind", "negative"), [("axial", False), ("axial", True), ("oblique", False)])
 def test_nm_multiframe(node: Node, pacs: StandInPacs, kind: str, negative: bool) -> None:
-    source = nifti_to_nm(_phantom(kind), negative_spacing=negative, patient_name="Test^NM", patient_id="NM1")
+    source = nifti_to_nm(spect_like_volume(kind), negative_spacing=negative, patient_name="Test^NM", patient_id="NM1")
     _send(node, [source])
     seg, data = _seg_for(pacs, str(source.SeriesInstanceUID))
     assert seg.Modality == "SEG"
@@ -137,21 +106,21 @@ def _bytes(ds) -> bytes:
 
 
 def test_nm_one_slice_per_file(node: Node, pacs: StandInPacs) -> None:
-    files = nifti_to_nm_series(_phantom(), patient_name="Test^Slices", patient_id="NM2")
+    files = nifti_to_nm_series(spect_like_volume(), patient_name="Test^Slices", patient_id="NM2")
     _send(node, files)
     seg, data = _seg_for(pacs, str(files[0].SeriesInstanceUID))
     _check_seg_on_same_voxels(node, [dcmread(io.BytesIO(_bytes(f))) for f in files], data)
 
 
 def test_pet_like_series(node: Node, pacs: StandInPacs) -> None:
-    files = nifti_to_pet_like_series(_phantom(), modality="NM", patient_name="Test^Pet", patient_id="PT1")
+    files = nifti_to_pet_like_series(spect_like_volume(), modality="NM", patient_name="Test^Pet", patient_id="PT1")
     _send(node, files)
     seg, data = _seg_for(pacs, str(files[0].SeriesInstanceUID))
     _check_seg_on_same_voxels(node, [dcmread(io.BytesIO(_bytes(f))) for f in files], data)
 
 
 def test_non_spect_series_is_stored_not_processed(node: Node, pacs: StandInPacs) -> None:
-    projection = nifti_to_nm(_phantom(), patient_name="Test^Proj", patient_id="NM3")
+    projection = nifti_to_nm(spect_like_volume(), patient_name="Test^Proj", patient_id="NM3")
     projection.ImageType = ["ORIGINAL", "PRIMARY", "TOMO", "EMISSION"]  # raw projections
     _send(node, [projection])
     series = str(projection.SeriesInstanceUID)
@@ -168,7 +137,7 @@ def test_non_spect_series_is_stored_not_processed(node: Node, pacs: StandInPacs)
 
 
 def test_resent_instance_is_idempotent(node: Node, pacs: StandInPacs) -> None:
-    source = nifti_to_nm(_phantom(), patient_name="Test^Twice", patient_id="NM4")
+    source = nifti_to_nm(spect_like_volume(), patient_name="Test^Twice", patient_id="NM4")
     _send(node, [source])
     _seg_for(pacs, str(source.SeriesInstanceUID))
     _send(node, [source])
@@ -178,7 +147,7 @@ def test_resent_instance_is_idempotent(node: Node, pacs: StandInPacs) -> None:
 
 
 def test_destination_down_then_up(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = load_config(
         overrides=[
             f"storage.root={tmp_path / 'node'}",
@@ -193,7 +162,7 @@ def test_destination_down_then_up(tmp_path: Path) -> None:
     config.peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=port)]
     running = Node.start(config)
     try:
-        source = nifti_to_nm(_phantom(), patient_name="Test^Down", patient_id="NM5")
+        source = nifti_to_nm(spect_like_volume(), patient_name="Test^Down", patient_id="NM5")
         _send(running, [source])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
