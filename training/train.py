@@ -308,6 +308,10 @@ def train(
         scheduler.step()
         train_loss = float(np.mean(losses))
         if distributed.world_size > 1:
+            # BatchNorm running statistics are per rank: take rank 0's so every rank validates
+            # and finishes with the same model.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
             total = torch.tensor([train_loss], dtype=torch.float64)
             dist.all_reduce(total)
             train_loss = float(total.item()) / distributed.world_size
