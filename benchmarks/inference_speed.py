@@ -59,7 +59,8 @@ def main() -> None:
     shape = checkpoint.preprocess.target_shape
     batch = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
     print(f"model: {source}, init_features={checkpoint.spec.init_features}, grid {shape}")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}")
 
     reference = None
