@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast peers clean-demo
+.PHONY: demo test peers clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-## demo: phantom studies -> the shipped model -> masks, metrics and PNG overlays under demo/
+## demo: phantom NM studies -> a node (shipped model) -> DICOM SEGs at a stand-in PACS; Dice and PNG overlays under demo/
 demo: $(STAMP)
-	$(BIN)/spect-train phantom --out demo/data --cases 4 --seed 9000 --render 0
-	$(BIN)/spect-train evaluate --data_root demo/data --out demo/eval --set test.n_visualize=4
-	$(BIN)/spect-train predict --data_root demo/data --out demo/outputs
-	@echo "Figures: demo/outputs/viz_test/*.png  metrics: demo/eval/metrics.csv"
+	rm -rf demo
+	$(BIN)/spect-node demo --out demo
 
 ## peers: the real DICOM peers the tests use (Debian packages; needs root)
 peers:
