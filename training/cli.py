@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from config import AppConfig, ConfigError, load_config
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same data)")
     phantom.add_argument("--start-index", type=int, default=0, help="index of the first case")
     phantom.add_argument("--render", type=int, default=3, help="PNG previews to write under <out>/preview/")
+    phantom.add_argument("--family", choices=["anatomical", "basic"], default="anatomical", help="phantom generator")
+    phantom.add_argument("--hard", action="store_true", help="a population heavy in hard cases (anatomical family)")
     _common(phantom)
 
     train = sub.add_parser("train", help="train the U-Net")
@@ -183,18 +186,26 @@ def _predictor(config: AppConfig):
 
 def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
     if args.command == "phantom":
-        from training.phantom import write_dataset
+        from training.dataset import load_volume
+        from training.phantom import PhantomSettings, write_dataset
         from training.phantom_render import render_case
 
-        cases = write_dataset(args.out, args.cases, args.seed, start_index=args.start_index, progress=progress)
-        print(f"wrote {len(cases)} phantom case(s) to {args.out / 'NIfTI'} and {args.out / 'demographics.csv'}")
-        if args.render:
-            from training.phantom import generate_case
-
-            for index in range(args.start_index, args.start_index + min(args.render, args.cases)):
-                case = generate_case(args.seed, index)
-                path = render_case(case.volume, case.mask, case.affine, args.out / "preview" / f"{case.base}.png")
-                print(f"preview: {path}")
+        settings = PhantomSettings.hard() if args.hard else PhantomSettings()
+        rows = write_dataset(
+            args.out, args.cases, args.seed, settings, args.start_index, progress=progress, family=args.family
+        )
+        print(f"wrote {len(rows)} phantom case(s) to {args.out / 'NIfTI'} and {args.out / 'demographics.csv'}")
+        for row in rows[: args.render]:
+            base = str(row["file_base"])
+            volume = load_volume(args.out / "NIfTI" / f"{base}.nii.gz")
+            mask = load_volume(args.out / "NIfTI" / f"{base}_mask.nii.gz")
+            path = render_case(
+                np.asarray(volume.dataobj),
+                np.asarray(mask.dataobj),
+                volume.affine,
+                args.out / "preview" / f"{base}.png",
+            )
+            print(f"preview: {path}")
         return 0
     if args.command == "train":
         from training.train import train
