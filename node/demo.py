@@ -26,6 +26,7 @@ from node.seg_encode import read_seg_mask
 from node.service import Node, node_timeouts
 from node.standin_pacs import PACS_AE, StandInPacs
 from seg.metrics import compute_metrics
+from seg.preprocess import voxel_spacing
 from training.figures import plot_prediction
 from training.phantom import generate_case
 
@@ -90,7 +91,7 @@ def run_demo(config: AppConfig, out: Path, n_studies: int = 2, timeout: float = 
         source = dcmread(path)
         converted = series_to_nifti([source])
         seg_mask = read_seg_mask(by_series[str(source.SeriesInstanceUID)], converted.references).astype(np.uint8)
-        spacing = tuple(float(s) for s in np.sqrt((converted.image.affine[:3, :3] ** 2).sum(axis=0)))
+        spacing = voxel_spacing(converted.image.affine)
         metrics = compute_metrics(seg_mask.astype(bool), case.mask.astype(bool), spacing)
         png = plot_prediction(
             np.asarray(converted.image.dataobj, dtype=np.float32),

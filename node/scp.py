@@ -7,7 +7,7 @@ everything, and answer a DIMSE status; no heavy work runs on an association thre
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from pydicom.uid import (
@@ -25,7 +25,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.network import NODELAY_HANDLERS
+from node.network import NODELAY_HANDLERS, PeerAddress
+from node.qr import QR_SOP_CLASSES, handle_find, handle_get, handle_move
+from storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +111,13 @@ def build_ae(
     allowed_calling_ae_titles: Sequence[str],
     storage_classes: Sequence[str] = STORAGE_CLASSES,
 ) -> AE:
-    """An AE that accepts Verification and Storage of the classes the node handles.
+    """An AE that accepts Verification, Storage of the classes the node handles, and Query/Retrieve.
 
-    A non-empty allow list rejects other calling AE titles at association
-    (A-ASSOCIATE-RJ, "calling AE title not recognised").
+    Storage contexts accept both roles, so that a C-GET requestor proposing
+    the SCP role for them receives the instances on its own association
+    (a plain C-STORE requestor keeps the default roles). A non-empty allow list
+    rejects other calling AE titles at association (A-ASSOCIATE-RJ, "calling
+    AE title not recognised").
     """
     ae = AE(ae_title=ae_title)
     ae.maximum_associations = max_associations
@@ -121,14 +126,23 @@ def build_ae(
         ae.require_calling_aet = list(allowed_calling_ae_titles)
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
     for sop_class in storage_classes:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for sop_class in QR_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
 
 
-def server_handlers(sink: InstanceSink) -> list:
-    """The event handlers bound when the server starts."""
+def server_handlers(sink: InstanceSink, storage: Storage, peers: Mapping[str, PeerAddress]) -> list:
+    """The event handlers bound when the server starts.
+
+    ``storage`` answers queries and holds the files to retrieve; ``peers``
+    (AE title -> address) are the only C-MOVE destinations.
+    """
     return [
         *NODELAY_HANDLERS,
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [sink]),
+        (evt.EVT_C_FIND, handle_find, [storage]),
+        (evt.EVT_C_GET, handle_get, [storage]),
+        (evt.EVT_C_MOVE, handle_move, [storage, peers]),
     ]

@@ -110,9 +110,10 @@ class Node:
             ),
             worker_id=f"{node_cfg.ae_title}-worker",
         )
+        peers = {p.ae_title: PeerAddress(p.ae_title, p.host, p.port) for p in config.peers}
         sender = ResultSender(
             storage,
-            {p.ae_title: PeerAddress(p.ae_title, p.host, p.port) for p in config.peers},
+            peers,
             node_cfg.ae_title,
             node_timeouts(config),
             RetryPolicy(
@@ -126,7 +127,9 @@ class Node:
         ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
         t = node_timeouts(config)
         configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
-        server = ae.start_server((node_cfg.host, node_cfg.port), block=False, evt_handlers=server_handlers(receiver))
+        server = ae.start_server(
+            (node_cfg.host, node_cfg.port), block=False, evt_handlers=server_handlers(receiver, storage, peers)
+        )
         node = cls(config, storage, server, worker, sender, receiver)
         node._start_threads()
         log.info(

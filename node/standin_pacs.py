@@ -1,4 +1,4 @@
-"""A minimal storage SCP standing in for the PACS (demo and tests): keeps every SEG it receives."""
+"""A minimal storage SCP standing in for the PACS (demo and tests): keeps every SEG, NM or PET instance it receives."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import threading
 from pathlib import Path
 
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import SegmentationStorage, Verification
+from pynetdicom.sop_class import (
+    EnhancedPETImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SegmentationStorage,
+    Verification,
+)
 
 from node.network import NODELAY_HANDLERS
 from node.scp import SUCCESS, TRANSFER_SYNTAXES
@@ -15,7 +21,7 @@ PACS_AE = "DEMOPACS"
 
 
 class StandInPacs:
-    """A minimal storage SCP standing in for the PACS: keeps every SEG it receives."""
+    """A minimal storage SCP standing in for the PACS: keeps every SEG (or NM/PET, e.g. moved to it) it receives."""
 
     def __init__(self, folder: Path, port: int = 0) -> None:
         self.folder = folder
@@ -23,7 +29,13 @@ class StandInPacs:
         self.arrived = threading.Condition()
         ae = AE(ae_title=PACS_AE)
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
-        ae.add_supported_context(SegmentationStorage, TRANSFER_SYNTAXES)
+        for sop_class in (
+            SegmentationStorage,
+            NuclearMedicineImageStorage,
+            PositronEmissionTomographyImageStorage,
+            EnhancedPETImageStorage,
+        ):
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_STORE, self._on_store)]
         )

@@ -26,6 +26,7 @@ from node.convert import is_reconstructed_emission, series_to_nifti
 from node.errors import UnsupportedSeriesError
 from node.seg_encode import build_seg, with_research_marking
 from seg.predictor import Predictor
+from seg.preprocess import voxel_spacing
 from storage import Job, JobState, JobTimings, NewResult, Storage
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class SegmentationWorker:
         seg.save_as(buffer, enforce_file_format=True)
         record, _ = self.storage.store_instance(buffer.getvalue(), seg, calling_ae_title=None, is_result=True)
         t3 = time.perf_counter()
-        spacing = np.sqrt((converted.image.affine[:3, :3] ** 2).sum(axis=0))
+        spacing = voxel_spacing(converted.image.affine)
         volume_ml = float(prediction.mask.sum() * np.prod(spacing) / 1000.0)
         self.storage.index.finish_job_with_result(
             NewResult(

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from seg.metrics import compute_metrics, summarize
 from seg.predictor import Prediction, Predictor
+from seg.preprocess import voxel_spacing
 from training.dataset import load_volume
 from training.discovery import Case
 from training.figures import plot_prediction
@@ -22,12 +23,6 @@ from training.figures import plot_prediction
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("dice", "iou", "hd95_mm", "msd_mm")
-
-
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel sizes (mm) along the array axes ``(i, j, k)`` of an affine."""
-    sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
 
 
 @dataclass
@@ -61,6 +56,7 @@ def _metric_row(outcome: CaseOutcome) -> dict[str, object]:
         metrics = compute_metrics(mask.astype(bool), outcome.truth, spacing)
         for name in METRIC_COLUMNS:
             row[f"{name}_{tag}"] = round(float(getattr(metrics, name)), 6)
+    row["hd95_vox_pp"] = round(float(row["hd95_mm_pp"]) / float(np.mean(spacing)), 4)  # type: ignore[arg-type]
     row["truth_ml"] = round(float(outcome.truth.sum()) * float(np.prod(spacing)) / 1000.0, 3)
     row["pred_ml"] = round(float(outcome.prediction.mask.sum()) * float(np.prod(spacing)) / 1000.0, 3)
     row["infer_s"] = round(outcome.prediction.timings.get("infer", math.nan), 4)
@@ -113,15 +109,51 @@ def evaluate_cases(
         for tag in ("raw", "pp")
         for name in METRIC_COLUMNS
     }
+    summary["hd95_vox_pp"] = summarize([float(r["hd95_vox_pp"]) for r in rows])  # type: ignore[arg-type]
+    for label, stats in subgroup_summary(rows):
+        summary[f"dice_pp | {label}"] = stats
     return csv_path, summary
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _number(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# Subgroups reported when the dataset's demographics.csv has the columns (the phantoms do).
+SUBGROUPS: tuple[tuple[str, str, object], ...] = (
+    ("hot extracardiac activity next to the heart", "hot_extracardiac_adjacent", _truthy),
+    ("severe defect (>= 70% reduction)", "defect_severity", lambda v: _number(v) >= 0.7),
+    ("low counts", "low_counts", _truthy),
+    ("64x64 matrix", "matrix", lambda v: str(v) == "64"),
+    ("128x128 matrix", "matrix", lambda v: str(v) == "128"),
+)
+
+
+def subgroup_summary(rows: Sequence[dict[str, object]], metric: str = "dice_pp") -> list[tuple[str, dict[str, float]]]:
+    """``metric`` summarised over each subgroup of :data:`SUBGROUPS` present in the rows."""
+    out = []
+    for label, column, predicate in SUBGROUPS:
+        if rows and column in rows[0]:
+            values = [float(r[metric]) for r in rows if predicate(r.get(column))]  # type: ignore[operator, arg-type]
+            if values:
+                out.append((label, summarize(values)))
+    return out
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per metric, columns mean/median/std/n."""
-    lines = [f"{'metric':<14}{'mean':>10}{'median':>10}{'std':>10}{'n':>6}"]
+    width = max(14, *(len(name) + 2 for name in summary))
+    lines = [f"{'metric':<{width}}{'mean':>10}{'median':>10}{'std':>10}{'n':>6}"]
     for name, stats in summary.items():
         lines.append(
-            f"{name:<14}{stats['mean']:>10.4f}{stats['median']:>10.4f}{stats['std']:>10.4f}{int(stats['n']):>6}"
+            f"{name:<{width}}{stats['mean']:>10.4f}{stats['median']:>10.4f}{stats['std']:>10.4f}{int(stats['n']):>6}"
             + (f"  ({int(stats['n_nonfinite'])} non-finite)" if stats.get("n_nonfinite") else "")
         )
     return "\n".join(lines)

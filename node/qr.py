@@ -1,0 +1,328 @@
+"""Query/Retrieve SCP: thin C-FIND, C-MOVE and C-GET handlers over the index.
+
+Matching runs in SQL (:meth:`storage.Index.find` / :meth:`storage.Index.retrieve`);
+these handlers translate identifiers into :class:`storage.Query` objects and
+matches back into identifiers, and read the files to send. They never raise:
+a bad identifier is answered with a failure status and a log line.
+
+C-MOVE sends to configured peers only (by AE title), over a sub-association that
+pynetdicom opens with the handler's ``(host, port, kwargs)``: the kwargs carry
+the presentation contexts of the instances to send and the TCP_NODELAY handler.
+A retrieve whose identifier is bad still opens (and at once releases) that
+sub-association, because pynetdicom asks for the destination before any status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from node.network import NODELAY_HANDLERS, PeerAddress
+from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
+from storage.query import UNIQUE_KEYS
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses of the Query/Retrieve service class (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)
+PENDING = 0xFF00
+CANCEL = 0xFE00
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+
+FIND_MODELS: Mapping[str, InformationModel] = {
+    PatientRootQueryRetrieveInformationModelFind: InformationModel.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: InformationModel.STUDY_ROOT,
+}
+MOVE_MODELS: Mapping[str, InformationModel] = {
+    PatientRootQueryRetrieveInformationModelMove: InformationModel.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: InformationModel.STUDY_ROOT,
+}
+GET_MODELS: Mapping[str, InformationModel] = {
+    PatientRootQueryRetrieveInformationModelGet: InformationModel.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: InformationModel.STUDY_ROOT,
+}
+#: The Query/Retrieve SOP classes the node accepts.
+QR_SOP_CLASSES: tuple[str, ...] = (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)
+
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_RETRIEVE_AE_TITLE = 0x00080054
+_MAX_CONTEXTS = 128  # presentation contexts one association may propose
+
+
+class IdentifierError(ValueError):
+    """The identifier cannot be turned into a query (answered with IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)."""
+
+
+def query_from_identifier(identifier: Dataset, model: InformationModel) -> Query:
+    """Turn a C-FIND/C-MOVE/C-GET identifier into an index query.
+
+    Sequences, private and unknown elements are not matching keys; values
+    become DICOM strings (multi-values joined by a backslash).
+
+    Raises
+    ------
+    IdentifierError
+        If the Query/Retrieve Level is missing, unknown or not part of ``model``.
+    QueryError
+        Via :class:`storage.Query`, for a level outside the model.
+    """
+    level_text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    try:
+        level = QueryLevel(level_text)
+    except ValueError as exc:
+        raise IdentifierError(f"QueryRetrieveLevel {level_text!r} is missing or unknown") from exc
+    keys: dict[str, str] = {}
+    for element in identifier:
+        if element.tag in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET) or element.VR == "SQ":
+            continue
+        if element.keyword:
+            keys[element.keyword] = _as_text(element.value)
+    return Query(model, level, keys)
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(item) for item in value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace")
+    return str(value)
+
+
+def response_identifier(request: Dataset, query: Query, match: Match, retrieve_ae_title: str) -> Dataset:
+    """The C-FIND response identifier of one match.
+
+    Holds every element of the request (same tags and VRs, in the same order)
+    filled from the match, empty when the index does not hold it; adds the
+    unique keys of the query level and the levels above it, and Specific
+    Character Set (UTF-8) when a value is not ASCII.
+    """
+    response = Dataset()
+    for element in request:
+        tag = element.tag
+        if tag == _SPECIFIC_CHARACTER_SET:
+            continue
+        if tag == _QUERY_RETRIEVE_LEVEL:
+            response.QueryRetrieveLevel = query.level.value
+        elif element.VR == "SQ":
+            response.add_new(tag, "SQ", [])
+        elif tag == _RETRIEVE_AE_TITLE:
+            response.add_new(tag, element.VR, retrieve_ae_title)
+        else:
+            response.add_new(tag, element.VR, _dicom_value(match.value(element.keyword) if element.keyword else None))
+    if "QueryRetrieveLevel" not in response:
+        response.QueryRetrieveLevel = query.level.value
+    for level in query.model.levels[: query.model.levels.index(query.level) + 1]:
+        keyword = UNIQUE_KEYS[level]
+        if keyword not in response:
+            setattr(response, keyword, _dicom_value(match.value(keyword)))
+    if any(isinstance(e.value, str) and not e.value.isascii() for e in response):
+        response.SpecificCharacterSet = "ISO_IR 192"
+    return response
+
+
+def _dicom_value(value: str | int | tuple[str, ...] | None) -> str | int | list[str] | None:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _parse(event: evt.Event, models: Mapping[str, InformationModel], service: str) -> Query | int:
+    """The query of a request, or the failure status to answer (logged)."""
+    requestor = event.assoc.requestor.ae_title.strip()
+    model = models.get(str(event.request.AffectedSOPClassUID))
+    if model is None:  # cannot happen: pynetdicom routes by SOP class
+        log.warning("%s from %s refused: SOP class %s", service, requestor, event.request.AffectedSOPClassUID)
+        return UNABLE_TO_PROCESS
+    try:
+        return query_from_identifier(event.identifier, model)
+    except (IdentifierError, QueryError) as exc:
+        log.warning("%s from %s refused: %s", service, requestor, exc)
+        return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    except (InvalidDicomError, ValueError, TypeError, AttributeError, KeyError, EOFError) as exc:
+        log.warning("%s from %s refused: cannot decode the identifier: %s", service, requestor, exc)
+        return UNABLE_TO_PROCESS
+
+
+def handle_find(event: evt.Event, storage: Storage) -> Iterator[tuple[int, Dataset | None]]:
+    """``EVT_C_FIND``: yield ``(PENDING, identifier)`` per match; stop with CANCEL on C-CANCEL."""
+    try:
+        query = _parse(event, FIND_MODELS, "C-FIND")
+        if isinstance(query, int):
+            yield query, None
+            return
+        try:
+            matches = storage.index.find(query)
+        except QueryError as exc:
+            log.warning("C-FIND refused: %s", exc)
+            yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+            return
+        log.info(
+            "C-FIND %s %s from %s: %d match(es)",
+            query.model,
+            query.level,
+            event.assoc.requestor.ae_title.strip(),
+            len(matches),
+        )
+        request = event.identifier
+        ae_title = event.assoc.acceptor.ae_title.strip()
+        for match in matches:
+            if event.is_cancelled:
+                log.info("C-FIND cancelled by the requestor")
+                yield CANCEL, None
+                return
+            yield PENDING, response_identifier(request, query, match, ae_title)
+    except (StorageError, OSError) as exc:
+        log.error("C-FIND failed: the index cannot be read: %s", exc)
+        yield UNABLE_TO_PROCESS, None
+    except Exception:  # the handler must answer, whatever went wrong
+        log.exception("C-FIND handling failed")
+        yield UNABLE_TO_PROCESS, None
+
+
+def _instances(
+    event: evt.Event, storage: Storage, models: Mapping[str, InformationModel], service: str
+) -> list[InstanceRecord] | int:
+    """The instances a C-MOVE/C-GET asks for, or the failure status to answer (logged)."""
+    query = _parse(event, models, service)
+    if isinstance(query, int):
+        return query
+    try:
+        instances = storage.index.retrieve(query)
+    except QueryError as exc:
+        log.warning("%s refused: %s", service, exc)
+        return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    except (StorageError, OSError) as exc:
+        log.error("%s failed: the index cannot be read: %s", service, exc)
+        return UNABLE_TO_PROCESS
+    log.info(
+        "%s %s %s from %s: %d instance(s)",
+        service,
+        query.model,
+        query.level,
+        event.assoc.requestor.ae_title.strip(),
+        len(instances),
+    )
+    return instances
+
+
+def _read(storage: Storage, record: InstanceRecord) -> Dataset:
+    """The stored dataset of an instance, or a stub that pynetdicom counts as a failed sub-operation.
+
+    The stub holds only the SOP Instance UID: sending it fails before anything
+    goes on the wire, and pynetdicom lists the UID among the failed ones.
+    """
+    try:
+        return dcmread(storage.layout.resolve(record.path))
+    except (OSError, StorageError, InvalidDicomError, ValueError, EOFError) as exc:
+        log.error("cannot read stored instance %s (%s): %s", record.sop_instance_uid, record.path, exc)
+    except Exception:  # a sub-operation fails; the retrieve goes on
+        log.exception("cannot read stored instance %s (%s)", record.sop_instance_uid, record.path)
+    stub = Dataset()
+    stub.SOPInstanceUID = record.sop_instance_uid
+    return stub
+
+
+def _sub_operations(
+    event: evt.Event, storage: Storage, instances: Sequence[InstanceRecord], service: str
+) -> Iterator[tuple[int, Dataset | None]]:
+    for record in instances:
+        if event.is_cancelled:
+            log.info("%s cancelled by the requestor", service)
+            yield CANCEL, None
+            return
+        yield PENDING, _read(storage, record)
+
+
+def storage_contexts(instances: Sequence[InstanceRecord]) -> list[PresentationContext]:
+    """Presentation contexts to send ``instances``: one per SOP class, their own transfer syntaxes first."""
+    syntaxes: dict[str, list[str]] = {}
+    for record in instances:
+        offered = syntaxes.setdefault(record.sop_class_uid, [])
+        for uid in (record.transfer_syntax_uid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if uid not in offered:
+                offered.append(uid)
+    if len(syntaxes) > _MAX_CONTEXTS:
+        log.warning("%d SOP classes to send: only the first %d can be proposed", len(syntaxes), _MAX_CONTEXTS)
+    return [build_context(sop_class, ts) for sop_class, ts in list(syntaxes.items())[:_MAX_CONTEXTS]]
+
+
+def handle_move(event: evt.Event, storage: Storage, peers: Mapping[str, PeerAddress]) -> Iterator[Any]:
+    """``EVT_C_MOVE``: destination, number of sub-operations, then each dataset.
+
+    The destination must be a configured peer (else MOVE_DESTINATION_UNKNOWN);
+    pynetdicom sends the datasets over the sub-association and computes the
+    final status (0xB000 when some sub-operations failed, 0xA702 when all did).
+    """
+    peer: PeerAddress | None = None
+    try:
+        destination = str(event.move_destination or "").strip()
+        peer = peers.get(destination)
+        if peer is None:
+            log.warning(
+                "C-MOVE from %s refused: move destination %r is not a configured peer",
+                event.assoc.requestor.ae_title.strip(),
+                destination,
+            )
+            instances: list[InstanceRecord] | int = MOVE_DESTINATION_UNKNOWN
+        else:
+            instances = _instances(event, storage, MOVE_MODELS, "C-MOVE")
+    except Exception:  # the handler must answer, whatever went wrong
+        log.exception("C-MOVE handling failed")
+        instances = UNABLE_TO_PROCESS
+    if peer is None:
+        yield None, None  # pynetdicom answers MOVE_DESTINATION_UNKNOWN
+        return
+    handlers = list(NODELAY_HANDLERS)
+    if isinstance(instances, int):
+        # pynetdicom associates before it takes a status: propose Verification only.
+        yield peer.host, peer.port, {"contexts": [build_context(Verification)], "evt_handlers": handlers}
+        yield 1
+        yield instances, None
+        return
+    association_args = {
+        "contexts": storage_contexts(instances),
+        "evt_handlers": handlers,
+        "max_pdu": event.assoc.ae.maximum_pdu_size,
+    }
+    yield peer.host, peer.port, association_args
+    yield len(instances)
+    yield from _sub_operations(event, storage, instances, "C-MOVE")
+
+
+def handle_get(event: evt.Event, storage: Storage) -> Iterator[Any]:
+    """``EVT_C_GET``: number of sub-operations, then each dataset (sent on the same association).
+
+    The requestor must have proposed a storage context for each SOP class with
+    the SCP role; instances without one count as failed sub-operations.
+    """
+    try:
+        instances = _instances(event, storage, GET_MODELS, "C-GET")
+    except Exception:  # the handler must answer, whatever went wrong
+        log.exception("C-GET handling failed")
+        instances = UNABLE_TO_PROCESS
+    if isinstance(instances, int):
+        yield 1
+        yield instances, None
+        return
+    yield len(instances)
+    yield from _sub_operations(event, storage, instances, "C-GET")
