@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 from pydicom import dcmread
 
 from config import AppConfig
@@ -33,6 +34,18 @@ from training.phantom import generate_case
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 777
+
+
+def truth_on_grid(mask: np.ndarray, affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
+    """The phantom's mask in the voxel order of the DICOM-derived grid (same voxels, maybe flipped/permuted)."""
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.io_orientation(target_affine)
+    )
+    moved = orientations.apply_orientation(mask, transform)
+    moved_affine = affine @ orientations.inv_ornt_aff(transform, mask.shape)
+    if not np.allclose(moved_affine, target_affine, atol=1e-3):
+        raise ValueError("the DICOM round trip changed the grid")
+    return np.ascontiguousarray(moved)
 
 
 def _write_studies(out: Path, n: int) -> list[tuple[Path, object]]:
@@ -91,12 +104,13 @@ def run_demo(config: AppConfig, out: Path, n_studies: int = 2, timeout: float = 
         source = dcmread(path)
         converted = series_to_nifti([source])
         seg_mask = read_seg_mask(by_series[str(source.SeriesInstanceUID)], converted.references).astype(np.uint8)
+        truth = truth_on_grid(case.mask, case.affine, converted.image.affine)
         spacing = voxel_spacing(converted.image.affine)
-        metrics = compute_metrics(seg_mask.astype(bool), case.mask.astype(bool), spacing)
+        metrics = compute_metrics(seg_mask.astype(bool), truth.astype(bool), spacing)
         png = plot_prediction(
             np.asarray(converted.image.dataobj, dtype=np.float32),
             converted.image.affine,
-            case.mask,
+            truth,
             seg_mask,
             seg_mask,
             out / "overlays" / f"{case.base}.png",
