@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -67,6 +68,8 @@ _QUERY_RETRIEVE_LEVEL = 0x00080052
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _RETRIEVE_AE_TITLE = 0x00080054
 _MAX_CONTEXTS = 128  # presentation contexts one association may propose
+# VRs whose values are encoded with the Specific Character Set
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
 
 
 class IdentifierError(ValueError):
@@ -82,9 +85,9 @@ def query_from_identifier(identifier: Dataset, model: InformationModel) -> Query
     Raises
     ------
     IdentifierError
-        If the Query/Retrieve Level is missing, unknown or not part of ``model``.
+        If the Query/Retrieve Level is missing or unknown.
     QueryError
-        Via :class:`storage.Query`, for a level outside the model.
+        If the level is not part of ``model`` (raised by :class:`storage.Query`).
     """
     level_text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     try:
@@ -137,9 +140,16 @@ def response_identifier(request: Dataset, query: Query, match: Match, retrieve_a
         keyword = UNIQUE_KEYS[level]
         if keyword not in response:
             setattr(response, keyword, _dicom_value(match.value(keyword)))
-    if any(isinstance(e.value, str) and not e.value.isascii() for e in response):
+    if any(_is_non_ascii_text(element) for element in response):
         response.SpecificCharacterSet = "ISO_IR 192"
     return response
+
+
+def _is_non_ascii_text(element: DataElement) -> bool:
+    if element.VR not in _TEXT_VRS or element.value is None:
+        return False
+    values = element.value if isinstance(element.value, MultiValue | list) else [element.value]
+    return any(not str(value).isascii() for value in values)
 
 
 def _dicom_value(value: str | int | tuple[str, ...] | None) -> str | int | list[str] | None:

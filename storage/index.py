@@ -3,8 +3,9 @@
 :class:`Index` is the one object the rest of the node talks to. It is safe to
 use from many threads at once (one SQLite connection per thread, WAL mode,
 ``BEGIN IMMEDIATE`` for every write). Instance and series methods live here;
-job-queue methods come from :class:`storage.jobs.JobQueueMixin` and result and
-delivery methods from :class:`storage.results.ResultsMixin`.
+job-queue methods come from :class:`storage.jobs.JobQueueMixin`, result and
+delivery methods from :class:`storage.results.ResultsMixin` and query/retrieve
+matching from :class:`storage.query.QueryMixin`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from types import TracebackType
 from storage.database import Database
 from storage.errors import RecordNotFoundError, StorageError
 from storage.jobs import JobQueueMixin, enqueue
+from storage.query import QueryMixin
 from storage.records import InstanceRecord, SeriesRecord
 from storage.results import ResultsMixin
 from storage.schema import migrate
@@ -43,7 +45,7 @@ _UPSERT_SERIES = (
 )
 
 
-class Index(JobQueueMixin, ResultsMixin):
+class Index(JobQueueMixin, ResultsMixin, QueryMixin):
     """The index database of one storage root.
 
     Build it with :meth:`open`; close it with :meth:`close` (or use it as a

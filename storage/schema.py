@@ -143,7 +143,15 @@ _V1_STATEMENTS: tuple[str, ...] = (
     "CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "instances, series, jobs, results, deliveries", _V1_STATEMENTS),)
+# Query/Retrieve: Modality at SERIES level and ModalitiesInStudy at STUDY level.
+_V2_STATEMENTS: tuple[str, ...] = (
+    "CREATE INDEX instances_by_modality ON instances (modality, study_instance_uid, series_instance_uid)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "instances, series, jobs, results, deliveries", _V1_STATEMENTS),
+    Migration(2, "index of instances by modality for query/retrieve", _V2_STATEMENTS),
+)
 LATEST_VERSION: int = MIGRATIONS[-1].version
 
 _CREATE_VERSION_TABLE = """
