@@ -96,6 +96,7 @@ class TrainSection(Section):
     box_jitter_mm: float = Field(20.0, ge=0)
     max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(1, ge=1)
+    calibrate_threshold: bool = True
 
     @model_validator(mode="after")
     def _split_leaves_training(self) -> TrainSection:
@@ -109,7 +110,7 @@ class TestSection(Section):
 
     batch_size: int = Field(1, ge=1)
     only_masked: bool = True
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float | None = Field(None, gt=0, lt=1)
     n_visualize: int = Field(5, ge=0)
 
 

@@ -32,6 +32,8 @@ class Prediction:
     probability
         float32 ``target_shape`` sigmoid output on the model grid (canonical order; the
         heart box when the model segments in two passes).
+    grid, orientation
+        Where the model grid lay in the input (to map other thresholds back, see :meth:`Predictor.masks`).
     timings
         Seconds per stage: ``preprocess``, ``infer``, ``postprocess``.
     """
@@ -39,6 +41,8 @@ class Prediction:
     mask: np.ndarray
     raw_mask: np.ndarray
     probability: np.ndarray
+    grid: GridMap
+    orientation: Orientation
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -183,19 +187,37 @@ class Predictor:
                 )
                 probability = self.engine.probabilities(prepare_input(canonical, grid, settings)[None])[0]
         t2 = time.perf_counter()
-        raw = probability >= self.threshold
-        if self.postprocess.enable:
-            post_soft = self._postprocessor(raw)
-            if self.postprocess.smoothing_sigma <= 0:
-                post_soft = gated_soft_map(probability, post_soft >= self.postprocess.threshold, self.threshold)
-        else:
-            post_soft = probability
         shape = tuple(int(s) for s in volume.shape)
-        mask = from_model_grid(post_soft, shape, orientation, self.postprocess.threshold, grid)  # type: ignore[arg-type]
-        raw_mask = from_model_grid(probability, shape, orientation, self.threshold, grid)  # type: ignore[arg-type]
+        mask, raw_mask = self.masks(probability, grid, orientation, shape)  # type: ignore[arg-type]
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "infer": t2 - t1, "postprocess": t3 - t2}
-        return Prediction(mask=mask, raw_mask=raw_mask, probability=probability, timings=timings)
+        return Prediction(mask, raw_mask, probability, grid, orientation, timings)
+
+    def masks(
+        self,
+        probability: np.ndarray,
+        grid: GridMap,
+        orientation: Orientation,
+        shape: tuple[int, int, int],
+        threshold: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Post-processed and raw uint8 masks on the input grid from a model-grid probability map.
+
+        ``threshold`` defaults to the predictor's; calibration calls this with other values
+        without running the network again.
+        """
+        level = self.threshold if threshold is None else threshold
+        raw = probability >= level
+        final, final_level = probability, level
+        if self.postprocess.enable:
+            soft = self._postprocessor(raw)
+            if self.postprocess.smoothing_sigma > 0:  # the seed's way: threshold the smoothed mask
+                final, final_level = soft, self.postprocess.threshold
+            else:
+                final = gated_soft_map(probability, soft >= self.postprocess.threshold, level)
+        mask = from_model_grid(final, shape, orientation, final_level, grid)
+        raw_mask = from_model_grid(probability, shape, orientation, level, grid)
+        return mask, raw_mask
 
     def predict(self, image: nib.Nifti1Image) -> nib.Nifti1Image:
         """Segment a NIfTI image; the mask comes back on the input's own grid and affine.

@@ -22,6 +22,7 @@ from config import AppConfig, ConfigError, load_config
 from config.logging_setup import configure_logging
 from seg.checkpoint import CheckpointError
 from seg.postprocess import PostprocessSettings
+from seg.predictor import Predictor
 
 log = logging.getLogger("spect-train")
 
@@ -30,6 +31,7 @@ _SECTION_ORDER = {
     "train": ("train", "data", "preprocess", "model", "paths", "project", "postprocess"),
     "evaluate": ("test", "data", "postprocess", "viz", "model", "paths", "preprocess", "project"),
     "predict": ("test", "data", "postprocess", "viz", "model", "paths", "preprocess", "project"),
+    "calibrate": ("test", "data", "postprocess", "model", "paths", "preprocess", "project"),
 }
 
 
@@ -78,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no_mask_fallback", action="store_true", help="seed flag; cases without masks are never used")
     _common(train)
 
-    for name, text in (("evaluate", "metrics per case and a summary"), ("predict", "masks and figures per case")):
+    for name, text in (
+        ("evaluate", "metrics per case and a summary"),
+        ("predict", "masks and figures per case"),
+        ("calibrate", "pick the Dice-optimal threshold (use --split val) and record it in the checkpoint"),
+    ):
         cmd = sub.add_parser(name, help=text)
         _data_flags(cmd)
         cmd.add_argument("--weights", type=Path, help="checkpoint or seed state_dict (model.weights)")
@@ -168,9 +174,7 @@ def _cases_for(config: AppConfig, args: argparse.Namespace):
     return selection, cases
 
 
-def _predictor(config: AppConfig):
-    from seg.predictor import Predictor
-
+def _predictor(config: AppConfig) -> Predictor:
     settings = PostprocessSettings(**config.postprocess.model_dump())
     predictor = Predictor.from_file(
         config.model.weights,
@@ -216,6 +220,22 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
         print(f"run folder {result.paths.run_dir} (split, log.jsonl, log.csv, curves.png)")
         return 0
     selection, cases = _cases_for(config, args)
+    if args.command == "calibrate":
+        from seg.checkpoint import load_checkpoint, save_checkpoint
+        from training.calibrate import calibrate_threshold
+
+        checkpoint = load_checkpoint(config.model.weights)
+        predictor = Predictor(
+            checkpoint, PostprocessSettings(**config.postprocess.model_dump()), device=config.model.device
+        )
+        best, table = calibrate_threshold(predictor, cases, progress=progress)
+        for t, d in table.items():
+            print(f"threshold {t:.2f}: mean Dice {d:.4f}" + ("  <- chosen" if t == best else ""))
+        checkpoint.threshold = best
+        checkpoint.metrics["threshold_calibration"] = {f"{t:.2f}": round(d, 5) for t, d in table.items()}
+        save_checkpoint(checkpoint, config.model.weights)
+        print(f"threshold {best:.2f} recorded in {config.model.weights}")
+        return 0
     predictor = _predictor(config)
     if args.command == "evaluate":
         from training.discovery import read_demographics

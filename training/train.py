@@ -21,14 +21,18 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from tqdm import tqdm
 
 from config import AppConfig
-from seg.checkpoint import Checkpoint, load_raw, provenance_record, save_checkpoint
+from seg.checkpoint import Checkpoint, load_checkpoint, load_raw, provenance_record, save_checkpoint
 from seg.inference import autocast_context, resolve_device
 from seg.metrics import dice
 from seg.model import UNet3D, UNetSpec
+from seg.postprocess import PostprocessSettings
+from seg.predictor import Predictor
 from seg.preprocess import PreprocessSettings
 from training.augment import AugmentSettings
+from training.calibrate import calibrate_threshold
 from training.data import DataSelection, preprocess_settings, select_cases
 from training.dataset import PreparedCase, SegmentationDataset, prepare_cases
+from training.discovery import Case
 from training.figures import plot_curves
 from training.losses import SegmentationLoss
 from training.split import Split, make_split
@@ -181,11 +185,30 @@ def _make_checkpoint(
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         preprocess=preprocess_settings(config),
         postprocess=config.postprocess.model_dump(),
-        threshold=config.test.threshold,
+        threshold=config.test.threshold or 0.5,
         metrics=metrics,
         provenance=provenance_record(
             json.loads(config.model_dump_json()), {"project.seed": config.project.seed}, list(command or [])
         ),
+    )
+
+
+def _calibrate(checkpoint_path: Path, cases: Sequence[Case], config: AppConfig, progress: bool) -> None:
+    """Record the Dice-optimal threshold on the validation cases in the best checkpoint."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    predictor = Predictor(
+        checkpoint, PostprocessSettings(**config.postprocess.model_dump()), device="cpu", precision="fp32"
+    )
+    best, table = calibrate_threshold(predictor, cases, progress=progress)
+    checkpoint.threshold = best
+    checkpoint.metrics["threshold_calibration"] = {f"{t:.2f}": round(d, 5) for t, d in table.items()}
+    save_checkpoint(checkpoint, checkpoint_path)
+    log.info(
+        "calibrated threshold %.2f (validation Dice %.4f at 0.50, %.4f at %.2f)",
+        best,
+        table.get(0.5, 0),
+        table[best],
+        best,
     )
 
 
@@ -368,6 +391,8 @@ def train(
         if _out_of_time(cfg.max_minutes, started, distributed):
             log.info("stopping after %.1f minutes (train.max_minutes)", (time.monotonic() - started) / 60)
             break
+    if distributed.is_main and cfg.calibrate_threshold and split.val and paths.checkpoint.exists():
+        _calibrate(paths.checkpoint, [by_base[b] for b in split.val], config, show)
     digest = state_digest(model.state_dict())
     log.info("rank %d final weights sha256 %s", distributed.rank, digest)
     if distributed.world_size > 1:
