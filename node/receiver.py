@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -56,8 +57,9 @@ class Receiver:
         Refuse new data below this much free space (``0xA700``).
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, on_job_queued: Callable[[], None] = lambda: None) -> None:
         self.storage = storage
+        self.on_job_queued = on_job_queued
 
     def store(
         self, encoded: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, calling_ae: str
@@ -105,6 +107,7 @@ class Receiver:
         if is_complete_on_arrival(ds):
             job = index.mark_series_complete(series_uid, job_kind=SEGMENT_JOB)
             log.info("series %s complete on arrival (multi-frame NM); job %s queued", series_uid, job)
+            self.on_job_queued()
             return
         expected = expected_instances(ds)
         if expected is not None:
@@ -113,6 +116,7 @@ class Receiver:
         if series is not None and series.expected_instances and series.n_instances >= series.expected_instances:
             job = index.mark_series_complete(series_uid, job_kind=SEGMENT_JOB)
             log.info("series %s complete (%d instances); job %s queued", series_uid, series.n_instances, job)
+            self.on_job_queued()
 
     def sweep_idle(self, idle_timeout: float, now: float | None = None) -> list[str]:
         """Complete every receiving series idle for ``idle_timeout`` seconds; returns their UIDs."""
@@ -128,4 +132,6 @@ class Receiver:
                 job,
             )
             completed.append(series.series_instance_uid)
+        if completed:
+            self.on_job_queued()
         return completed

@@ -50,12 +50,14 @@ class ResultSender:
         self.policy = policy
         self.tls_args = tls_args
         self.stop_event = threading.Event()
+        self.wake = threading.Event()  # set when a result awaits delivery (and on stop)
 
-    def run(self, poll_interval: float = 0.2) -> None:
-        """Deliver until :attr:`stop_event` is set."""
+    def run(self, poll_interval: float = 0.5) -> None:
+        """Deliver until :attr:`stop_event` is set; sleeps until woken or a retry may be due."""
         while not self.stop_event.is_set():
+            self.wake.clear()
             if not self.send_due():
-                self.stop_event.wait(poll_interval)
+                self.wake.wait(poll_interval)
 
     def send_due(self, now: float | None = None) -> int:
         """Attempt every delivery that is due now; returns how many were attempted."""

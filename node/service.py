@@ -123,7 +123,8 @@ class Node:
                 node_cfg.send_backoff_max,
             ),
         )
-        receiver = Receiver(storage)
+        worker.on_result = sender.wake.set
+        receiver = Receiver(storage, on_job_queued=worker.wake.set)
         ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
         t = node_timeouts(config)
         configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
@@ -157,8 +158,9 @@ class Node:
         log.info("stopping: no new associations; finishing the job in hand")
         self.server.shutdown()
         self.stop_event.set()
-        self.worker.stop_event.set()
-        self.sender.stop_event.set()
+        for service in (self.worker, self.sender):
+            service.stop_event.set()
+            service.wake.set()
         for thread in self.threads:
             thread.join(timeout)
         self.storage.close()

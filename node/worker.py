@@ -81,7 +81,8 @@ class SegmentationWorker:
         self.settings = settings
         self.worker_id = worker_id
         self.stop_event = threading.Event()
-        self.idle = threading.Event()
+        self.wake = threading.Event()  # set when a job is queued (and on stop)
+        self.on_result: Callable[[], None] = lambda: None  # called when a SEG awaits delivery
 
     def _pause(self, stage: str) -> None:
         if self.settings.pause_at == stage:
@@ -89,16 +90,20 @@ class SegmentationWorker:
             while not self.stop_event.wait(3600):
                 pass
 
-    def run(self, poll_interval: float = 0.2) -> None:
-        """Claim and process jobs until :attr:`stop_event` is set (the job in hand is finished)."""
+    def run(self, poll_interval: float = 1.0) -> None:
+        """Claim and process jobs until :attr:`stop_event` is set (the job in hand is finished).
+
+        Sleeps until :attr:`wake` is set or ``poll_interval`` passes (jobs a restart re-queued,
+        or queued by another process such as ``spect-node reprocess``).
+        """
         while not self.stop_event.is_set():
+            self.wake.clear()
             job = self.storage.index.claim_job(self.worker_id)
             if job is None:
-                self.idle.set()
-                self.stop_event.wait(poll_interval)
+                self.wake.wait(poll_interval)
                 continue
-            self.idle.clear()
-            self.process(job)
+            if self.process(job) == JobState.DONE:
+                self.on_result()
 
     def process(self, job: Job) -> JobState:
         """Run one job to a final state (done, skipped or failed); never raises."""
