@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from studies import WEIGHTS, free_port, spect_like_volume
+from studies import WEIGHTS, free_port, node_config, spect_like_volume
 
-from config import load_config
 from config.schema import PeerSection
 from node.convert import series_to_nifti
 from node.network import PeerAddress
@@ -35,17 +34,8 @@ def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
 def node(tmp_path: Path, pacs: StandInPacs) -> Iterator[Node]:
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
-    config = load_config(
-        overrides=[
-            f"storage.root={tmp_path / 'node'}",
-            "node.port=0",
-            "node.series_idle_timeout=1",
-            f"model.weights={WEIGHTS}",
-            "model.device=cpu",
-            "node.min_free_bytes=0",
-        ]
-    )
-    config.peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port)]
+    peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port)]
+    config = node_config(tmp_path / "node", "node.series_idle_timeout=1", peers=peers)
     running = Node.start(config)
     yield running
     running.stop()
@@ -148,18 +138,8 @@ def test_resent_instance_is_idempotent(node: Node, pacs: StandInPacs) -> None:
 
 def test_destination_down_then_up(tmp_path: Path) -> None:
     port = free_port()
-    config = load_config(
-        overrides=[
-            f"storage.root={tmp_path / 'node'}",
-            "node.port=0",
-            f"model.weights={WEIGHTS}",
-            "model.device=cpu",
-            "node.send_backoff_base=0.5",
-            "node.send_backoff_max=1",
-            "node.min_free_bytes=0",
-        ]
-    )
-    config.peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=port)]
+    peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=port)]
+    config = node_config(tmp_path / "node", "node.send_backoff_base=0.5", "node.send_backoff_max=1", peers=peers)
     running = Node.start(config)
     try:
         source = nifti_to_nm(spect_like_volume(), patient_name="Test^Down", patient_id="NM5")

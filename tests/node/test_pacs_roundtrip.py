@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 from orthanc import ORTHANC_AE, Modality, OrthancServer, require_orthanc
 from pydicom import Dataset, dcmread
-from studies import WEIGHTS, free_port, spect_like_volume
+from studies import WEIGHTS, free_port, node_config, spect_like_volume
 
-from config import load_config
 from config.schema import PeerSection
 from node.nm_writer import dataset_to_bytes, nifti_to_nm
 from node.service import Node
@@ -100,16 +99,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     root = tmp_path_factory.mktemp("pacs")
     orthanc = OrthancServer(root / "orthanc")  # ports chosen now: the node's peers entry needs the DICOM port
     qr_port = free_port()
-    config = load_config(
-        overrides=[
-            f"storage.root={root / 'node'}",
-            "node.port=0",
-            f"node.ae_title={NODE_AE}",
-            f"model.weights={WEIGHTS}",
-            "model.device=cpu",
-            "node.min_free_bytes=0",
-        ]
-    )
+    config = node_config(root / "node", f"node.ae_title={NODE_AE}")
     config.peers = [
         PeerSection(ae_title=ORTHANC_AE, host="127.0.0.1", port=orthanc.dicom_port, send_results=True),
         PeerSection(ae_title=QR_AE, host="127.0.0.1", port=qr_port, send_results=False),

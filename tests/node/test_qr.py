@@ -30,9 +30,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from studies import WEIGHTS, spect_like_volume
+from studies import WEIGHTS, node_config, spect_like_volume
 
-from config import load_config
 from config.schema import PeerSection
 from node import qr
 from node.network import PeerAddress, set_tcp_nodelay
@@ -78,16 +77,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("qr")
     pacs = StandInPacs(root / "pacs")
     destination = StandInPacs(root / "destination")
-    config = load_config(
-        overrides=[
-            f"storage.root={root / 'node'}",
-            "node.port=0",
-            f"node.ae_title={NODE_AE}",
-            f"model.weights={WEIGHTS}",
-            "model.device=cpu",
-            "node.min_free_bytes=0",
-        ]
-    )
+    config = node_config(root / "node", f"node.ae_title={NODE_AE}")
     config.peers = [
         PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port),
         PeerSection(ae_title=MOVE_AE, host="127.0.0.1", port=destination.port, send_results=False),

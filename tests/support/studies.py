@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from config import AppConfig, load_config
+from config.schema import PeerSection
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "models" / "unet3d_weights.pth"
@@ -36,3 +40,19 @@ def spect_like_volume(kind: str = "axial") -> nib.Nifti1Image:
         rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
         affine[:3, :3] = rotation @ affine[:3, :3]
     return nib.Nifti1Image(volume, affine)
+
+
+def node_config(root: Path, *overrides: str, peers: Sequence[PeerSection] = ()) -> AppConfig:
+    """A node configuration for tests: storage under ``root``, a free port, the shipped model on the CPU."""
+    config = load_config(
+        overrides=[
+            f"storage.root={root}",
+            "node.port=0",
+            f"model.weights={WEIGHTS}",
+            "model.device=cpu",
+            "node.min_free_bytes=0",
+            *overrides,
+        ]
+    )
+    config.peers = list(peers)
+    return config
