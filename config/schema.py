@@ -97,6 +97,7 @@ class TrainSection(Section):
     max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(1, ge=1)
     calibrate_threshold: bool = True
+    init_weights: Path | None = None
 
     @model_validator(mode="after")
     def _split_leaves_training(self) -> TrainSection:

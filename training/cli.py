@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", choices=["dice_bce", "bce"])
     train.add_argument("--out", "--output_weights", dest="out", type=Path, help="checkpoint file (model.weights)")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run of --out")
+    train.add_argument("--init_weights", "--init-weights", type=Path, help="start from this checkpoint (fine-tune)")
     train.add_argument("--max_minutes", "--max-minutes", type=float, help="stop after this wall time")
     train.add_argument("--no_mask_fallback", action="store_true", help="seed flag; cases without masks are never used")
     _common(train)
@@ -143,6 +144,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         "lr": "train.lr",
         "loss": "train.loss",
         "max_minutes": "train.max_minutes",
+        "init_weights": "train.init_weights",
         "weights": "model.weights",
         "only_masked": "test.only_masked",
     }

@@ -269,7 +269,13 @@ def train(
     torch.manual_seed(seed)
     spec = UNetSpec(config.model.in_channels, config.model.out_channels, config.model.init_features)
     model = UNet3D(spec)
-    if cfg.output_bias_prior is not None:
+    if cfg.init_weights is not None:
+        start = load_checkpoint(cfg.init_weights)
+        if start.spec != spec:
+            raise ValueError(f"{cfg.init_weights}: architecture {start.spec} differs from model settings {spec}")
+        model.load_state_dict(start.state_dict)
+        log.info("starting from the weights of %s", cfg.init_weights)
+    elif cfg.output_bias_prior is not None:
         model.init_output_bias(cfg.output_bias_prior)
     model = model.to(device).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
