@@ -38,6 +38,8 @@ class NodeProcess:
     """``spect-node serve`` in a subprocess with its own config file."""
 
     def __init__(self, tmp: Path, pacs_port: int, port: int | None = None, **node_settings: object) -> None:
+        if not WEIGHTS.is_file():
+            pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
         self.port = port or free_port()
         self.root = tmp / "node"
         self.config_path = tmp / "node.yaml"
