@@ -253,6 +253,8 @@ def train(
         split = make_split(cases, cfg.val_size, cfg.test_size, seed)
         if distributed.is_main:
             split.save(paths.split)
+            for stale in (paths.log_jsonl, paths.log_csv, paths.last):  # a new run starts its own logs
+                stale.unlink(missing_ok=True)
     by_base = {c.base: c for c in cases}
     settings = preprocess_settings(config)
     margin = 0 if settings.crop_spacing_mm is None else int(round(cfg.box_jitter_mm / settings.crop_spacing_mm))
