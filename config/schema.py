@@ -77,7 +77,7 @@ class ModelSection(Section):
     init_features: int = Field(16, ge=1)
     weights: Path = Path("models/unet3d_weights.pth")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
 
 class TrainSection(Section):
@@ -86,6 +86,7 @@ class TrainSection(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["dice_bce", "bce"] = "dice_bce"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     output_bias_prior: float | None = Field(None, gt=0, lt=1)
     val_size: float = Field(0.15, ge=0, lt=1)
     test_size: float = Field(0.15, ge=0, lt=1)

@@ -239,7 +239,7 @@ def train(
     device = resolve_device(config.model.device)
     if device.type == "cuda" and distributed.world_size > 1:
         device = torch.device("cuda", distributed.local_rank)
-    precision = training_precision(device, config.model.precision)
+    precision = training_precision(device, cfg.precision)
     paths = RunPaths(Path(out))
     show = progress and distributed.is_main
 
