@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -207,7 +206,3 @@ class SegmentationWorker:
         )
         return JobState.DONE
 
-
-def stored_path(storage: Storage, relative: str) -> Path:
-    """Absolute path of a file recorded in the index."""
-    return storage.layout.resolve(relative)

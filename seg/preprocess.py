@@ -114,7 +114,8 @@ def resample_linear(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarr
         ``(I', J', K')`` float32. Voxel centres are aligned (the grid spans the same
         field of view), edges are extended by the nearest value.
     """
-    return _resample(np.asarray(volume, dtype=np.float32), shape, order=1)
+    volume = np.asarray(volume, dtype=np.float32)
+    return GridMap.full_fov(volume.shape, shape).sample(volume, order=1)
 
 
 def resample_labels(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -136,21 +137,7 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarr
         ``(I', J', K')`` of the input dtype.
     """
     labels = np.asarray(labels)
-    dtype = labels.dtype
-    work = labels.astype(np.uint8) if dtype.kind == "b" else labels
-    return _resample(work, shape, order=0).astype(dtype, copy=False)
-
-
-def _resample(volume: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
-    if volume.ndim != 3 or len(shape) != 3:
-        raise ValueError(f"expected a 3D volume and a 3D shape, got {volume.shape} -> {shape}")
-    if tuple(volume.shape) == tuple(shape):
-        return volume.copy()
-    scale = np.array(volume.shape, dtype=float) / np.array(shape, dtype=float)
-    offset = 0.5 * scale - 0.5  # output voxel centre (o + 0.5) * scale - 0.5 in input voxels
-    return ndimage.affine_transform(
-        volume, scale, offset=offset, output_shape=tuple(shape), order=order, mode="nearest", prefilter=False
-    )
+    return GridMap.full_fov(labels.shape, shape).sample(labels, order=0).astype(labels.dtype, copy=False)
 
 
 def normalize_intensity(
@@ -320,7 +307,7 @@ def labels_to_model_grid(labels: np.ndarray, affine: np.ndarray, settings: Prepr
     """
     orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
     canonical = orientation.apply(np.asarray(labels) > 0).astype(np.uint8)
-    return resample_labels(canonical, settings.target_shape)
+    return GridMap.full_fov(canonical.shape, settings.target_shape).sample(canonical, order=0)
 
 
 def from_model_grid(
