@@ -362,7 +362,16 @@ def _uid_list(value: object) -> list[str]:
     return [str(uid) for uid in value]  # type: ignore[attr-defined]
 
 
-def test_find_is_cancelled(setup: Setup) -> None:
+def test_find_is_cancelled(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.qr
+
+    build = node.qr.response_identifier
+
+    def slow_response(*args: object) -> Dataset:  # 400 matches take ~2 s: the C-CANCEL arrives mid-way
+        time.sleep(0.005)
+        return build(*args)
+
+    monkeypatch.setattr(node.qr, "response_identifier", slow_response)
     index = setup.node.storage.index
     study_uid, series_uid = generate_uid(), generate_uid()
     total = 400
