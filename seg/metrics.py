@@ -188,12 +188,7 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -
     float
         0.0 when both are empty, ``math.inf`` when exactly one is.
     """
-    a, b = _pair(pred, truth)
-    empty = _empty_case(a, b)
-    if empty is not None:
-        _spacing(spacing)
-        return empty
-    return _hd95(*directed_surface_distances(a, b, spacing))
+    return compute_metrics(pred, truth, spacing).hd95_mm
 
 
 def mean_surface_distance(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
@@ -211,12 +206,7 @@ def mean_surface_distance(pred: np.ndarray, truth: np.ndarray, spacing: Sequence
     float
         0.0 when both are empty, ``math.inf`` when exactly one is.
     """
-    a, b = _pair(pred, truth)
-    empty = _empty_case(a, b)
-    if empty is not None:
-        _spacing(spacing)
-        return empty
-    return _msd(*directed_surface_distances(a, b, spacing))
+    return compute_metrics(pred, truth, spacing).msd_mm
 
 
 def compute_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> SegmentationMetrics:
