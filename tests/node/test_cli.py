@@ -37,6 +37,15 @@ def node(tmp_path: Path, pacs: StandInPacs) -> Iterator[Node]:
     running.stop()
 
 
+def _wait_delivered(node: Node, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(d.state == "done" for d in node.storage.index.deliveries()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"deliveries not done: {node.storage.index.deliveries()}")
+
+
 def _root(node: Node) -> list[str]:
     return ["--set", f"storage.root={node.config.storage.root}"]
 
@@ -47,6 +56,7 @@ def test_status_results_resend_reprocess_send(
     study = nifti_to_nm(spect_like_volume(), patient_name="Test^Cli", patient_id="CLI1")
     assert send_datasets([study], PeerAddress("SPECTNODE", "127.0.0.1", node.port), "TESTSCU").all_succeeded
     assert pacs.wait_for(1, 120)
+    _wait_delivered(node)  # the PACS has the SEG; the node records the acknowledgement right after
     series = str(study.SeriesInstanceUID)
 
     assert spect_node(["status", *_root(node)]) == 0
@@ -61,10 +71,7 @@ def test_status_results_resend_reprocess_send(
     assert spect_node(["resend", "--job", str(job.id), *_root(node)]) == 0
     assert "1 delivery queued again" in capsys.readouterr().out
     node.sender.wake.set()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and node.storage.index.deliveries()[0].state != "done":
-        time.sleep(0.1)
-    assert node.storage.index.deliveries()[0].state == "done"
+    _wait_delivered(node)
     assert len(pacs.received) == 1  # the same SOP Instance UID again: the PACS keeps one object
 
     assert spect_node(["reprocess", series, *_root(node)]) == 0
