@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """One line per event on stderr: time, level, logger, message (debug level when ``verbose``)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per event: time (UTC, ISO 8601), level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, ensure_ascii=False)
+
+
+def configure_logging(verbose: bool = False, json_lines: bool = False) -> None:
+    """One line per event on stderr: plain text (time, level, logger, message) or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLineFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for noisy in ("matplotlib", "PIL", "pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))

@@ -152,6 +152,7 @@ class NodeSection(Section):
     send_backoff_base: float = Field(2.0, gt=0)
     send_backoff_max: float = Field(300.0, gt=0)
     min_free_bytes: int = Field(100_000_000, ge=0)
+    log_format: Literal["text", "json"] = "text"
     test_pause_at: Literal["convert", "infer", "encode"] | None = None
 
 

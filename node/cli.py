@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     try:
         config = load_config(args.config, args.overrides)
+        configure_logging(verbose=args.verbose, json_lines=config.node.log_format == "json")
         if args.command == "serve":
             return _serve(config)
         if args.command == "status":

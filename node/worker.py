@@ -205,4 +205,3 @@ class SegmentationWorker:
             t3 - t2,
         )
         return JobState.DONE
-
