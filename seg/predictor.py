@@ -168,7 +168,7 @@ class Predictor:
         self.warm_up()
         settings = self.preprocess
         t0 = time.perf_counter()
-        orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
+        orientation = settings.orientation_for(affine)
         canonical = orientation.apply(np.asarray(volume, dtype=np.float32))
         grid = GridMap.full_fov(canonical.shape, settings.target_shape)
         model_input = prepare_input(canonical, grid, settings)

@@ -56,6 +56,10 @@ class PreprocessSettings:
         values["target_shape"] = tuple(int(v) for v in values["target_shape"])  # type: ignore[union-attr]
         return cls(**values)  # type: ignore[arg-type]
 
+    def orientation_for(self, affine: np.ndarray) -> Orientation:
+        """The voxel reordering applied to an image with ``affine`` (identity when ``reorient`` is off)."""
+        return Orientation.to_canonical(affine) if self.reorient else Orientation.identity()
+
     @classmethod
     def seed(cls, target_shape: tuple[int, int, int] = (64, 64, 56)) -> PreprocessSettings:
         """The seed pipeline's preprocessing: file voxel order, min-max."""
@@ -294,7 +298,7 @@ def to_model_grid(
         ``(array, orientation)``: float32 ``settings.target_shape`` in [0, 1], and the
         orientation used (to bring results back with :func:`from_model_grid`).
     """
-    orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
+    orientation = settings.orientation_for(affine)
     canonical = orientation.apply(np.asarray(volume, dtype=np.float32))
     grid = GridMap.full_fov(canonical.shape, settings.target_shape)
     return prepare_input(canonical, grid, settings), orientation
@@ -305,7 +309,7 @@ def labels_to_model_grid(labels: np.ndarray, affine: np.ndarray, settings: Prepr
 
     Returns ``settings.target_shape`` uint8.
     """
-    orientation = Orientation.to_canonical(affine) if settings.reorient else Orientation.identity()
+    orientation = settings.orientation_for(affine)
     canonical = orientation.apply(np.asarray(labels) > 0).astype(np.uint8)
     return GridMap.full_fov(canonical.shape, settings.target_shape).sample(canonical, order=0)
 

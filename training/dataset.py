@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from seg.preprocess import GridMap, Orientation, PreprocessSettings, normalize_intensity, prepare_input, voxel_spacing
+from seg.preprocess import GridMap, PreprocessSettings, normalize_intensity, prepare_input, voxel_spacing
 from training.augment import AugmentSettings, augment
 from training.discovery import Case
 
@@ -85,7 +85,7 @@ def prepare_case(case: Case, settings: PreprocessSettings, box_margin: int = 0) 
     mask = load_volume(case.mask)
     if volume.shape != mask.shape:
         raise CaseLoadError(f"{case.mask}: mask shape {mask.shape} differs from volume shape {volume.shape}")
-    orientation = Orientation.to_canonical(volume.affine) if settings.reorient else Orientation.identity()
+    orientation = settings.orientation_for(volume.affine)
     canonical = orientation.apply(np.asarray(volume.dataobj, dtype=np.float32))
     labels = orientation.apply(np.asarray(mask.dataobj) > 0).astype(np.uint8)
     full = GridMap.full_fov(canonical.shape, settings.target_shape)
