@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--render", type=int, default=3, help="PNG previews to write under <out>/preview/")
     phantom.add_argument("--family", choices=["anatomical", "basic"], default="anatomical", help="phantom generator")
     phantom.add_argument("--hard", action="store_true", help="a population heavy in hard cases (anatomical family)")
+    phantom.add_argument("--workers", type=int, default=1, help="processes sharing the work (same output)")
     _common(phantom)
 
     train = sub.add_parser("train", help="train the U-Net")
@@ -198,7 +199,14 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
 
         settings = PhantomSettings.hard() if args.hard else PhantomSettings()
         rows = write_dataset(
-            args.out, args.cases, args.seed, settings, args.start_index, progress=progress, family=args.family
+            args.out,
+            args.cases,
+            args.seed,
+            settings,
+            args.start_index,
+            progress=progress,
+            workers=args.workers,
+            family=args.family,
         )
         print(f"wrote {len(rows)} phantom case(s) to {args.out / 'NIfTI'} and {args.out / 'demographics.csv'}")
         for row in rows[: args.render]:

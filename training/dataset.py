@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,12 +109,26 @@ def prepare_cases(
     progress: bool = True,
     desc: str = "loading",
     box_margin: int = 0,
+    workers: int = 0,
 ) -> list[PreparedCase]:
-    """:func:`prepare_case` for every case, with a progress bar."""
-    return [
-        prepare_case(case, settings, box_margin)
-        for case in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False)
-    ]
+    """:func:`prepare_case` for every case, in order, with a progress bar.
+
+    ``workers`` > 1 spreads the cases over that many processes (the result does not depend on it).
+    """
+    bar = tqdm(total=len(cases), desc=desc, unit="case", disable=not progress, leave=False)
+    prepared: list[PreparedCase] = []
+    if workers > 1 and len(cases) > 1:
+        with ProcessPoolExecutor(min(workers, len(cases))) as pool:
+            n = len(cases)
+            for item in pool.map(prepare_case, cases, [settings] * n, [box_margin] * n, chunksize=4):
+                prepared.append(item)
+                bar.update()
+    else:
+        for case in cases:
+            prepared.append(prepare_case(case, settings, box_margin))
+            bar.update()
+    bar.close()
+    return prepared
 
 
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):

@@ -85,11 +85,16 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Distributed:
-    """Process-group facts (a single process is rank 0 of 1)."""
+    """Process-group facts (a single process is rank 0 of 1).
+
+    ``joined`` is true under ``torchrun``, even with one process: the collective
+    calls (nccl or gloo) then run as they would with several.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -99,7 +104,7 @@ class Distributed:
     def from_environment(cls, device_name: str) -> Distributed:
         """Join the process group when launched by ``torchrun`` (nccl on GPUs, gloo on CPU)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
+        if world_size <= 1 and "LOCAL_RANK" not in os.environ:
             return cls()
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if not dist.is_initialized():
@@ -107,7 +112,7 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        return cls(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank)
+        return cls(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, joined=True)
 
 
 def training_precision(device: torch.device, requested: str) -> str:
@@ -132,12 +137,15 @@ def _foreground_prior(cases: Sequence[PreparedCase]) -> float:
     return float(np.mean([c.label.mean() for c in cases]))
 
 
-def _out_of_time(max_minutes: float | None, started: float, distributed: Distributed) -> bool:
-    """Rank 0 decides, every rank follows (so no rank waits forever on the others)."""
+def _out_of_time(max_minutes: float | None, started: float, distributed: Distributed, device: torch.device) -> bool:
+    """Rank 0 decides, every rank follows (so no rank waits forever on the others).
+
+    Collective tensors live on the training device: nccl has no CPU backend.
+    """
     if max_minutes is None:
         return False
-    stop = torch.tensor([int((time.monotonic() - started) / 60 >= max_minutes)])
-    if distributed.world_size > 1:
+    stop = torch.tensor([int((time.monotonic() - started) / 60 >= max_minutes)], device=device)
+    if distributed.joined:
         dist.broadcast(stop, src=0)
     return bool(stop.item())
 
@@ -237,7 +245,7 @@ def train(
     seed = config.project.seed
     distributed = Distributed.from_environment(config.model.device)
     device = resolve_device(config.model.device)
-    if device.type == "cuda" and distributed.world_size > 1:
+    if device.type == "cuda" and distributed.joined:
         device = torch.device("cuda", distributed.local_rank)
     precision = training_precision(device, cfg.precision)
     paths = RunPaths(Path(out))
@@ -258,8 +266,9 @@ def train(
     by_base = {c.base: c for c in cases}
     settings = preprocess_settings(config)
     margin = 0 if settings.crop_spacing_mm is None else int(round(cfg.box_jitter_mm / settings.crop_spacing_mm))
-    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train", margin)
-    val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val")
+    workers = cfg.num_workers
+    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train", margin, workers)
+    val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val", 0, workers)
     log.info(
         "cases: %d train, %d val, %d test (split %s)",
         len(train_cases),
@@ -302,7 +311,7 @@ def train(
         log.info("resuming at epoch %d (best val Dice %.4f at epoch %d)", start_epoch + 1, best, best_epoch)
 
     net: torch.nn.Module = model
-    if distributed.world_size > 1:
+    if distributed.joined:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     augment_settings = AugmentSettings() if cfg.augment else None
     dataset = SegmentationDataset(train_cases, settings, augment_settings, seed, cfg.full_view_fraction)
@@ -311,7 +320,7 @@ def train(
     epoch = start_epoch
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         dataset.set_epoch(epoch)
-        if distributed.world_size > 1:
+        if distributed.joined:
             sampler: Any = DistributedSampler(dataset, shuffle=cfg.shuffle, seed=seed, drop_last=False)
             sampler.set_epoch(epoch)
         elif cfg.shuffle:
@@ -338,12 +347,12 @@ def train(
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", vol_s=f"{len(losses) * cfg.batch_size / elapsed:.1f}")
         scheduler.step()
         train_loss = float(np.mean(losses))
-        if distributed.world_size > 1:
+        if distributed.joined:
             # BatchNorm running statistics are per rank: take rank 0's so every rank validates
             # and finishes with the same model.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-            total = torch.tensor([train_loss], dtype=torch.float64)
+            total = torch.tensor([train_loss], dtype=torch.float64, device=device)
             dist.all_reduce(total)
             train_loss = float(total.item()) / distributed.world_size
         val_dice = validate(model, val_cases, settings, device, precision) if val_cases else None
@@ -396,13 +405,13 @@ def train(
             "n/a" if val_dice is None else f"{val_dice:.4f}",
             row["epoch_seconds"],
         )
-        if _out_of_time(cfg.max_minutes, started, distributed):
+        if _out_of_time(cfg.max_minutes, started, distributed, device):
             log.info("stopping after %.1f minutes (train.max_minutes)", (time.monotonic() - started) / 60)
             break
     if distributed.is_main and cfg.calibrate_threshold and split.val and paths.checkpoint.exists():
         _calibrate(paths.checkpoint, [by_base[b] for b in split.val], config, show)
     digest = state_digest(model.state_dict())
     log.info("rank %d final weights sha256 %s", distributed.rank, digest)
-    if distributed.world_size > 1:
+    if distributed.joined:
         dist.barrier()
     return TrainResult(paths, None if best < 0 else best, best_epoch, epoch, history, digest)
