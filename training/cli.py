@@ -224,7 +224,8 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
     if args.command == "train":
         from training.train import train
 
-        result = train(config, config.model.weights, resume=args.resume, progress=progress, command=sys.argv)
+        command = ["spect-train", *sys.argv[1:]]  # the program's own path stays out of the checkpoint
+        result = train(config, config.model.weights, resume=args.resume, progress=progress, command=command)
         best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
         print(f"best validation Dice {best} at epoch {result.best_epoch}; checkpoint {result.paths.checkpoint}")
         print(f"run folder {result.paths.run_dir} (split, log.jsonl, log.csv, curves.png)")
