@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from config import AppConfig, load_config
 from config.schema import PeerSection
+from training.phantom_basic import generate_basic_case
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "models" / "unet3d_weights.pth"
@@ -23,23 +24,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@functools.lru_cache(maxsize=1)
+def _phantom() -> tuple[np.ndarray, np.ndarray]:
+    case = generate_basic_case(7, 1)  # 64x64x56 at ~6.4 mm, LPS voxel order; the shipped model finds its heart
+    return case.volume.astype(np.float32), case.affine
+
+
 def spect_like_volume(kind: str = "axial") -> nib.Nifti1Image:
-    """A small SPECT-like volume: a hot ellipsoidal cup (the myocardium) in a warm body."""
-    shape = (64, 64, 56)
-    i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
-    r = np.sqrt(((i - 36) / 9) ** 2 + ((j - 28) / 8) ** 2 + ((k - 30) / 10) ** 2)
-    cup = (r > 0.62) & (r < 1.0) & (k > 24)
-    body = ((i - 32) / 28) ** 2 + ((j - 32) / 22) ** 2 < 1
-    rng = np.random.default_rng(0)
-    volume = rng.poisson(np.where(cup, 120.0, np.where(body, 12.0, 0.0))).astype(np.float32)
-    volume = ndimage.gaussian_filter(volume, 1.0)
-    affine = np.diag([-6.4, -6.4, 6.4, 1.0])
-    affine[:3, 3] = [200.0, 180.0, -170.0]
+    """A SPECT-like volume: one phantom of the basic family (its heart is what a model must find).
+
+    ``kind="oblique"`` turns the patient axes 25 degrees about the axial direction (same voxels).
+    """
+    volume, affine = _phantom()
+    affine = affine.copy()
     if kind == "oblique":
         t = np.deg2rad(25.0)
         rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
         affine[:3, :3] = rotation @ affine[:3, :3]
-    return nib.Nifti1Image(volume, affine)
+    return nib.Nifti1Image(volume.copy(), affine)
 
 
 def node_config(root: Path, *overrides: str, peers: Sequence[PeerSection] = ()) -> AppConfig:
