@@ -153,7 +153,23 @@ class NodeSection(Section):
     send_backoff_max: float = Field(300.0, gt=0)
     min_free_bytes: int = Field(100_000_000, ge=0)
     log_format: Literal["text", "json"] = "text"
+    audit_log: Path | None = None
+    unlisted_services: list[Literal["store", "query", "retrieve"]] = Field(
+        default_factory=lambda: ["store", "query", "retrieve"]
+    )
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = False
     test_pause_at: Literal["convert", "infer", "encode"] | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> NodeSection:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        if self.tls_require_client_certificate and self.tls_ca_certificates is None:
+            raise ValueError("tls_require_client_certificate needs tls_ca_certificates")
+        return self
 
 
 class PeerSection(Section):
@@ -161,10 +177,16 @@ class PeerSection(Section):
     host: str
     port: int = Field(ge=1, le=65535)
     send_results: bool = True
+    services: list[Literal["store", "query", "retrieve"]] = Field(
+        default_factory=lambda: ["store", "query", "retrieve"]
+    )
+    check_host: bool = False
+    tls: bool = False
 
 
 class StorageSection(Section):
     root: Path = Path("var/spect-node")
+    retention_days: float | None = Field(None, gt=0)
 
 
 class AppConfig(Section):

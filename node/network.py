@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 
 from pynetdicom import AE, evt
 
@@ -16,11 +17,12 @@ _PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """A remote application entity."""
+    """A remote application entity; ``tls_args`` (``(SSLContext, server_hostname)``) when reached over TLS."""
 
     ae_title: str
     host: str
     port: int
+    tls_args: tuple[ssl.SSLContext, str] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> PeerAddress:

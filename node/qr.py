@@ -36,7 +36,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from node.audit import AuditLog, identifier_keys
 from node.network import NODELAY_HANDLERS, PeerAddress
+from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy
 from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
 from storage.query import UNIQUE_KEYS
 
@@ -173,9 +175,39 @@ def _parse(event: evt.Event, models: Mapping[str, InformationModel], service: st
         return UNABLE_TO_PROCESS
 
 
-def handle_find(event: evt.Event, storage: Storage) -> Iterator[tuple[int, Dataset | None]]:
-    """``EVT_C_FIND``: yield ``(PENDING, identifier)`` per match; stop with CANCEL on C-CANCEL."""
+def _refused(event: evt.Event, policy: AccessPolicy, audit: AuditLog, service: str, dimse: str) -> bool:
+    """True (logged and audited) when the caller's peer rule does not allow ``service``."""
+    calling = event.assoc.requestor.ae_title.strip()
+    if policy.allows(calling, service):
+        return False
+    log.warning("%s from %s refused: not authorised to %s", dimse, calling, service)
+    audit.record(f"{service}-refused", calling_ae=calling, address=event.assoc.requestor.address, service=dimse)
+    return True
+
+
+def _audit_request(event: evt.Event, audit: AuditLog, kind: str, dimse: str, count: int, **extra: object) -> None:
+    audit.record(
+        kind,
+        service=dimse,
+        calling_ae=event.assoc.requestor.ae_title.strip(),
+        address=event.assoc.requestor.address,
+        keys=identifier_keys(event.identifier),
+        count=count,
+        **extra,
+    )
+
+
+def handle_find(
+    event: evt.Event, storage: Storage, policy: AccessPolicy, audit: AuditLog
+) -> Iterator[tuple[int, Dataset | None]]:
+    """``EVT_C_FIND``: yield ``(PENDING, identifier)`` per match; stop with CANCEL on C-CANCEL.
+
+    A caller not allowed to ``query`` gets 0x0124 (Refused: Not Authorised).
+    """
     try:
+        if _refused(event, policy, audit, "query", "C-FIND"):
+            yield REFUSED_NOT_AUTHORISED, None
+            return
         query = _parse(event, FIND_MODELS, "C-FIND")
         if isinstance(query, int):
             yield query, None
@@ -193,6 +225,7 @@ def handle_find(event: evt.Event, storage: Storage) -> Iterator[tuple[int, Datas
             event.assoc.requestor.ae_title.strip(),
             len(matches),
         )
+        _audit_request(event, audit, "query", "C-FIND", len(matches), level=query.level)
         request = event.identifier
         ae_title = event.assoc.acceptor.ae_title.strip()
         for match in matches:
@@ -232,6 +265,19 @@ def _instances(
         event.assoc.requestor.ae_title.strip(),
         len(instances),
     )
+    return instances
+
+
+def _retrieval(
+    event: evt.Event, storage: Storage, policy: AccessPolicy, audit: AuditLog, dimse: str, destination: str
+) -> list[InstanceRecord] | int:
+    """:func:`_instances` behind the ``retrieve`` permission, audited."""
+    if _refused(event, policy, audit, "retrieve", dimse):
+        return REFUSED_NOT_AUTHORISED
+    instances = _instances(event, storage, MOVE_MODELS if dimse == "C-MOVE" else GET_MODELS, dimse)
+    if not isinstance(instances, int):
+        studies = sorted({r.study_instance_uid for r in instances})
+        _audit_request(event, audit, "retrieve", dimse, len(instances), destination=destination, studies=studies)
     return instances
 
 
@@ -276,7 +322,9 @@ def storage_contexts(instances: Sequence[InstanceRecord]) -> list[PresentationCo
     return [build_context(sop_class, ts) for sop_class, ts in list(syntaxes.items())[:_MAX_CONTEXTS]]
 
 
-def handle_move(event: evt.Event, storage: Storage, peers: Mapping[str, PeerAddress]) -> Iterator[Any]:
+def handle_move(
+    event: evt.Event, storage: Storage, peers: Mapping[str, PeerAddress], policy: AccessPolicy, audit: AuditLog
+) -> Iterator[Any]:
     """``EVT_C_MOVE``: destination, number of sub-operations, then each dataset.
 
     The destination must be a configured peer (else MOVE_DESTINATION_UNKNOWN);
@@ -295,7 +343,7 @@ def handle_move(event: evt.Event, storage: Storage, peers: Mapping[str, PeerAddr
             )
             instances: list[InstanceRecord] | int = MOVE_DESTINATION_UNKNOWN
         else:
-            instances = _instances(event, storage, MOVE_MODELS, "C-MOVE")
+            instances = _retrieval(event, storage, policy, audit, "C-MOVE", destination)
     except Exception:  # the handler must answer, whatever went wrong
         log.exception("C-MOVE handling failed")
         instances = UNABLE_TO_PROCESS
@@ -305,7 +353,10 @@ def handle_move(event: evt.Event, storage: Storage, peers: Mapping[str, PeerAddr
     handlers = list(NODELAY_HANDLERS)
     if isinstance(instances, int):
         # pynetdicom associates before it takes a status: propose Verification only.
-        yield peer.host, peer.port, {"contexts": [build_context(Verification)], "evt_handlers": handlers}
+        verification: dict[str, Any] = {"contexts": [build_context(Verification)], "evt_handlers": handlers}
+        if peer.tls_args is not None:
+            verification["tls_args"] = peer.tls_args
+        yield peer.host, peer.port, verification
         yield 1
         yield instances, None
         return
@@ -314,19 +365,21 @@ def handle_move(event: evt.Event, storage: Storage, peers: Mapping[str, PeerAddr
         "evt_handlers": handlers,
         "max_pdu": event.assoc.ae.maximum_pdu_size,
     }
+    if peer.tls_args is not None:
+        association_args["tls_args"] = peer.tls_args
     yield peer.host, peer.port, association_args
     yield len(instances)
     yield from _sub_operations(event, storage, instances, "C-MOVE")
 
 
-def handle_get(event: evt.Event, storage: Storage) -> Iterator[Any]:
+def handle_get(event: evt.Event, storage: Storage, policy: AccessPolicy, audit: AuditLog) -> Iterator[Any]:
     """``EVT_C_GET``: number of sub-operations, then each dataset (sent on the same association).
 
     The requestor must have proposed a storage context for each SOP class with
     the SCP role; instances without one count as failed sub-operations.
     """
     try:
-        instances = _instances(event, storage, GET_MODELS, "C-GET")
+        instances = _retrieval(event, storage, policy, audit, "C-GET", event.assoc.requestor.ae_title.strip())
     except Exception:  # the handler must answer, whatever went wrong
         log.exception("C-GET handling failed")
         instances = UNABLE_TO_PROCESS

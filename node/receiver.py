@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom.sop_class import NuclearMedicineImageStorage
 
+from node.audit import AuditLog
 from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from storage import SEGMENT_JOB, Storage, StorageError, StorageFullError
 
@@ -52,19 +53,39 @@ class Receiver:
     Parameters
     ----------
     storage
-        Files and index.
-    min_free_bytes
-        Refuse new data below this much free space (``0xA700``).
+        Files and index (which refuses new data below its free-space watermark: ``0xA700``).
+    on_job_queued
+        Called when a series is complete and its job queued.
+    audit
+        Where each received or refused instance is recorded, with its patient.
     """
 
-    def __init__(self, storage: Storage, on_job_queued: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, storage: Storage, on_job_queued: Callable[[], None] = lambda: None, audit: AuditLog | None = None
+    ) -> None:
         self.storage = storage
         self.on_job_queued = on_job_queued
+        self.audit = audit or AuditLog(None)
 
     def store(
         self, encoded: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, calling_ae: str
     ) -> int:
         """Persist one instance (atomically), index it, update series assembly; return the status."""
+        status, reason = self._store(encoded, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
+        if status != SUCCESS:
+            self.audit.record(
+                "instance-refused",
+                calling_ae=calling_ae,
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                status=f"0x{status:04X}",
+                reason=reason,
+            )
+        return status
+
+    def _store(
+        self, encoded: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, calling_ae: str
+    ) -> tuple[int, str | None]:
         try:
             ds = dcmread(io.BytesIO(encoded), stop_before_pixels=True)
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
@@ -76,20 +97,20 @@ class Receiver:
             log.warning(
                 "C-STORE %s from %s refused: cannot understand the dataset: %s", sop_instance_uid, calling_ae, exc
             )
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, f"cannot understand the dataset: {exc}"
         try:
             record, is_new = self.storage.store_instance(
                 encoded, ds, calling_ae_title=calling_ae, transfer_syntax_uid=transfer_syntax_uid
             )
         except StorageFullError as exc:
             log.error("C-STORE %s refused: storage full: %s", sop_instance_uid, exc)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, f"storage full: {exc}"
         except (StorageError, OSError) as exc:
             log.error("C-STORE %s refused: cannot store: %s", sop_instance_uid, exc)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, f"cannot store: {exc}"
         except ValueError as exc:  # invalid UIDs and the like
             log.warning("C-STORE %s refused: %s", sop_instance_uid, exc)
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, str(exc)
         log.info(
             "received %s series=%s study=%s from %s%s",
             record.sop_instance_uid,
@@ -98,9 +119,20 @@ class Receiver:
             calling_ae,
             "" if is_new else " (re-sent, unchanged)",
         )
+        self.audit.record(
+            "instance-received",
+            calling_ae=calling_ae,
+            patient_id=record.patient_id,
+            patient_name=record.patient_name,
+            study_instance_uid=record.study_instance_uid,
+            series_instance_uid=record.series_instance_uid,
+            sop_instance_uid=record.sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            resent=not is_new,
+        )
         if is_new:
             self._assemble(ds, record.series_instance_uid)
-        return SUCCESS
+        return SUCCESS, None
 
     def _assemble(self, ds: Dataset, series_uid: str) -> None:
         index = self.storage.index

@@ -25,7 +25,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from node.audit import AuditLog
 from node.network import NODELAY_HANDLERS, PeerAddress
+from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy
 from node.qr import QR_SOP_CLASSES, handle_find, handle_get, handle_move
 from storage import Storage
 
@@ -35,7 +37,10 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
-REFUSED_NOT_AUTHORIZED = 0x0124
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
+REJECT_LOW_DISK = (0x02, 0x03, 0x02)  # transient; service provider (presentation); local limit exceeded
+REJECT_WRONG_HOST = (0x01, 0x01, 0x03)  # permanent; service user; calling AE title not recognised
 
 # SOP classes the node stores: reconstructed SPECT arrives as NM (multi-frame or one
 # slice per file) or as a CT/PET-like single-frame series; the node's own results are SEG.
@@ -71,38 +76,81 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: evt.Event, sink: InstanceSink) -> int:
+def handle_store(event: evt.Event, sink: InstanceSink, policy: AccessPolicy, audit: AuditLog) -> int:
     """C-STORE: write the bytes as they came, index them, then answer.
 
     Success is only answered once the instance is on disk and indexed; any failure of
     the sink becomes a failure status, never an exception on the association thread.
+    A caller whose peer rule lacks ``store`` gets 0x0124 (Refused: Not Authorised).
     """
     try:
         request = event.request
-        context = event.context
+        calling = event.assoc.requestor.ae_title.strip()
+        if not policy.allows(calling, "store"):
+            log.warning("C-STORE %s from %s refused: not authorised to store", request.AffectedSOPInstanceUID, calling)
+            audit.record(
+                "store-refused", calling_ae=calling, address=event.assoc.requestor.address, reason="not authorised"
+            )
+            return REFUSED_NOT_AUTHORISED
         encoded = event.encoded_dataset(include_meta=True)
         return sink.store(
             encoded,
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
-            str(context.transfer_syntax),
-            event.assoc.requestor.ae_title.strip(),
+            str(event.context.transfer_syntax),
+            calling,
         )
     except Exception:  # the handler must answer, whatever went wrong
         log.exception("C-STORE handling failed")
         return OUT_OF_RESOURCES
 
 
-def make_association_check(allowed_calling_ae_titles: Sequence[str]) -> Callable[[evt.Event], None]:
-    """``EVT_REQUESTED`` logging of association requests (AE-title policy is applied by the AE)."""
+def make_association_check(storage: Storage, policy: AccessPolicy, audit: AuditLog) -> Callable[[evt.Event], None]:
+    """``EVT_REQUESTED``: log the request; reject it when disk space is low or a peer calls from elsewhere.
+
+    Low disk space (below ``storage.min_free_bytes``) gives a *transient* rejection, so the
+    sender retries later instead of handing over data the node cannot keep. AE-title
+    allow lists and the called AE title are checked by pynetdicom itself.
+    """
 
     def on_requested(event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        log.info(
-            "association requested by %s from %s:%s", requestor.ae_title.strip(), requestor.address, requestor.port
+        calling = requestor.ae_title.strip()
+        log.info("association requested by %s from %s:%s", calling, requestor.address, requestor.port)
+        reason, rejection = None, None
+        free = storage.free_bytes_if_low()
+        if free is not None:
+            reason = f"low disk space ({free} bytes free, {storage.min_free_bytes} required)"
+            rejection = REJECT_LOW_DISK
+        elif (mismatch := policy.host_mismatch(calling, requestor.address)) is not None:
+            reason, rejection = mismatch, REJECT_WRONG_HOST
+        if rejection is None:
+            return
+        log.warning("association from %s (%s) rejected: %s", calling, requestor.address, reason)
+        audit.record(
+            "association-rejected", calling_ae=calling, address=requestor.address, port=requestor.port, reason=reason
         )
+        event.assoc.acse.send_reject(*rejection)
 
     return on_requested
+
+
+def make_association_audit(audit: AuditLog) -> list:
+    """``EVT_ACCEPTED``/``EVT_REJECTED`` handlers writing the outcome of each association to the audit log."""
+
+    def outcome(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        accepted = event.event is evt.EVT_ACCEPTED
+        audit.record(
+            "association-accepted" if accepted else "association-rejected",
+            calling_ae=requestor.ae_title.strip(),
+            called_ae=event.assoc.acceptor.ae_title.strip(),
+            address=requestor.address,
+            port=requestor.port,
+            reason=None if accepted else "refused by the association policy (AE titles or association limit)",
+        )
+
+    return [(evt.EVT_ACCEPTED, outcome), (evt.EVT_REJECTED, outcome)]
 
 
 def build_ae(
@@ -132,17 +180,28 @@ def build_ae(
     return ae
 
 
-def server_handlers(sink: InstanceSink, storage: Storage, peers: Mapping[str, PeerAddress]) -> list:
+def server_handlers(
+    sink: InstanceSink,
+    storage: Storage,
+    peers: Mapping[str, PeerAddress],
+    policy: AccessPolicy | None = None,
+    audit: AuditLog | None = None,
+) -> list:
     """The event handlers bound when the server starts.
 
     ``storage`` answers queries and holds the files to retrieve; ``peers``
-    (AE title -> address) are the only C-MOVE destinations.
+    (AE title -> address) are the only C-MOVE destinations; ``policy`` says who may
+    use which service (default: everyone everything); ``audit`` records who did what.
     """
+    policy = policy or AccessPolicy()
+    audit = audit or AuditLog(None)
     return [
         *NODELAY_HANDLERS,
+        (evt.EVT_REQUESTED, make_association_check(storage, policy, audit)),
+        *make_association_audit(audit),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [sink]),
-        (evt.EVT_C_FIND, handle_find, [storage]),
-        (evt.EVT_C_GET, handle_get, [storage]),
-        (evt.EVT_C_MOVE, handle_move, [storage, peers]),
+        (evt.EVT_C_STORE, handle_store, [sink, policy, audit]),
+        (evt.EVT_C_FIND, handle_find, [storage, policy, audit]),
+        (evt.EVT_C_GET, handle_get, [storage, policy, audit]),
+        (evt.EVT_C_MOVE, handle_move, [storage, peers, policy, audit]),
     ]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from node.audit import AuditLog
 from node.network import PeerAddress
 from node.scu import Timeouts, send_files
 from storage import DeliveryRecord, Storage
@@ -32,6 +33,8 @@ class ResultSender:
     ----------
     peers
         AE title -> address of every destination.
+    audit
+        Where each SEG sent (or given up on) is recorded.
     """
 
     def __init__(
@@ -41,14 +44,14 @@ class ResultSender:
         calling_ae_title: str,
         timeouts: Timeouts,
         policy: RetryPolicy,
-        tls_args: tuple | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.storage = storage
         self.peers = dict(peers)
         self.calling_ae_title = calling_ae_title
         self.timeouts = timeouts
         self.policy = policy
-        self.tls_args = tls_args
+        self.audit = audit or AuditLog(None)
         self.stop_event = threading.Event()
         self.wake = threading.Event()  # set when a result awaits delivery (and on stop)
 
@@ -81,7 +84,7 @@ class ResultSender:
             peer,
             self.calling_ae_title,
             self.timeouts,
-            tls_args=self.tls_args,
+            tls_args=peer.tls_args,
         )
         error = None if outcome.all_succeeded else (outcome.error or f"peer answered {outcome.statuses}")
         record = index.mark_delivery(
@@ -92,6 +95,15 @@ class ResultSender:
             max_s=self.policy.max_s,
             max_attempts=self.policy.max_attempts,
             retry_window_s=self.policy.window_s,
+        )
+        self.audit.record(
+            "seg-sent" if error is None else "seg-send-failed",
+            destination=str(peer),
+            seg_sop_instance_uid=result.seg_sop_instance_uid,
+            study_instance_uid=result.study_instance_uid,
+            attempt=record.attempts,
+            state=str(record.state.value) if hasattr(record.state, "value") else str(record.state),
+            error=error,
         )
         if error is None:
             log.info(

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config import AppConfig
+from node.audit import AuditLog
 from node.network import PeerAddress, configure_timeouts
+from node.policy import AccessPolicy, PeerRule
 from node.receiver import Receiver
 from node.scp import build_ae, server_handlers
 from node.scu import Timeouts
 from node.sender import ResultSender, RetryPolicy
+from node.tls import client_context, server_context
 from node.worker import SegmentationWorker, WorkerSettings
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor
@@ -81,6 +84,7 @@ class Node:
     worker: SegmentationWorker
     sender: ResultSender
     receiver: Receiver
+    audit: AuditLog
     threads: list[threading.Thread] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)
 
@@ -98,6 +102,13 @@ class Node:
         if load_model:
             predictor.load()
         destinations = tuple(p.ae_title for p in config.peers if p.send_results)
+        audit = AuditLog(node_cfg.audit_log or config.storage.root / "audit.jsonl")
+        policy = AccessPolicy(
+            [PeerRule(p.ae_title, p.host, frozenset(p.services), p.check_host) for p in config.peers],
+            node_cfg.unlisted_services,
+        )
+        listening_tls = server_context(node_cfg)
+        outgoing_tls = client_context(node_cfg) if any(p.tls for p in config.peers) else None
         worker = SegmentationWorker(
             storage,
             predictor,
@@ -109,8 +120,14 @@ class Node:
                 pause_at=node_cfg.test_pause_at,
             ),
             worker_id=f"{node_cfg.ae_title}-worker",
+            audit=audit,
         )
-        peers = {p.ae_title: PeerAddress(p.ae_title, p.host, p.port) for p in config.peers}
+        peers = {
+            p.ae_title: PeerAddress(
+                p.ae_title, p.host, p.port, (outgoing_tls, p.host) if p.tls and outgoing_tls is not None else None
+            )
+            for p in config.peers
+        }
         sender = ResultSender(
             storage,
             peers,
@@ -122,19 +139,28 @@ class Node:
                 node_cfg.send_backoff_base,
                 node_cfg.send_backoff_max,
             ),
+            audit=audit,
         )
         worker.on_result = sender.wake.set
-        receiver = Receiver(storage, on_job_queued=worker.wake.set)
+        receiver = Receiver(storage, on_job_queued=worker.wake.set, audit=audit)
         ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
         t = node_timeouts(config)
         configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
         server = ae.start_server(
-            (node_cfg.host, node_cfg.port), block=False, evt_handlers=server_handlers(receiver, storage, peers)
+            (node_cfg.host, node_cfg.port),
+            block=False,
+            evt_handlers=server_handlers(receiver, storage, peers, policy, audit),
+            ssl_context=listening_tls,
         )
-        node = cls(config, storage, server, worker, sender, receiver)
+        node = cls(config, storage, server, worker, sender, receiver, audit)
         node._start_threads()
         log.info(
-            "node %s listening on %s:%d (storage %s)", node_cfg.ae_title, node_cfg.host, node.port, config.storage.root
+            "node %s listening on %s:%d%s (storage %s)",
+            node_cfg.ae_title,
+            node_cfg.host,
+            node.port,
+            " (DICOM TLS)" if listening_tls is not None else "",
+            config.storage.root,
         )
         return node
 
@@ -164,4 +190,5 @@ class Node:
         for thread in self.threads:
             thread.join(timeout)
         self.storage.close()
+        self.audit.close()
         log.info("stopped")

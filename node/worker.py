@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from node.audit import AuditLog
 from node.convert import is_reconstructed_emission, series_to_nifti
 from node.errors import UnsupportedSeriesError
 from node.seg_encode import build_seg, with_research_marking
@@ -70,10 +71,19 @@ class SegmentationWorker:
         the job fails with the reason and the node keeps receiving).
     settings
         SEG identity, destinations and the test-only pause.
+    worker_id
+        Name under which jobs are claimed.
+    audit
+        Where each job's outcome is recorded, with its patient.
     """
 
     def __init__(
-        self, storage: Storage, predictor_factory: Callable[[], Predictor], settings: WorkerSettings, worker_id: str
+        self,
+        storage: Storage,
+        predictor_factory: Callable[[], Predictor],
+        settings: WorkerSettings,
+        worker_id: str,
+        audit: AuditLog | None = None,
     ) -> None:
         self.storage = storage
         self.predictor_factory = predictor_factory
@@ -82,6 +92,7 @@ class SegmentationWorker:
         self.stop_event = threading.Event()
         self.wake = threading.Event()  # set when a job is queued (and on stop)
         self.on_result: Callable[[], None] = lambda: None  # called when a SEG awaits delivery
+        self.audit = audit or AuditLog(None)
 
     def _pause(self, stage: str) -> None:
         if self.settings.pause_at == stage:
@@ -101,8 +112,27 @@ class SegmentationWorker:
             if job is None:
                 self.wake.wait(poll_interval)
                 continue
-            if self.process(job) == JobState.DONE:
+            state = self.process(job)
+            self._audit_result(job)
+            if state == JobState.DONE:
                 self.on_result()
+
+    def _audit_result(self, job: Job) -> None:
+        index = self.storage.index
+        final = index.job(job.id)
+        result = index.result_for_job(job.id)
+        records = index.instances_for_series(job.series_instance_uid)
+        first = records[0] if records else None
+        self.audit.record(
+            "job-result",
+            job_id=job.id,
+            state=None if final is None else str(final.state.value),
+            reason=None if final is None else final.reason,
+            patient_id=None if first is None else first.patient_id,
+            study_instance_uid=None if first is None else first.study_instance_uid,
+            series_instance_uid=job.series_instance_uid,
+            seg_sop_instance_uid=None if result is None else result.seg_sop_instance_uid,
+        )
 
     def process(self, job: Job) -> JobState:
         """Run one job to a final state (done, skipped or failed); never raises."""

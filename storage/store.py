@@ -58,6 +58,13 @@ class Storage:
         index = Index.open(layout.index_path, busy_timeout_s=busy_timeout_s, recover=recover)
         return cls(layout, index, min_free_bytes=min_free_bytes)
 
+    def free_bytes_if_low(self) -> int | None:
+        """The free bytes under the storage root when below ``min_free_bytes``, else ``None``."""
+        if self.min_free_bytes <= 0:
+            return None
+        available = free_bytes(self.layout.root)
+        return available if available < self.min_free_bytes else None
+
     def close(self) -> None:
         """Close the index."""
         self.index.close()

@@ -1,0 +1,78 @@
+"""Who may do what: per-peer services and host checks, on top of the association-level allow list.
+
+``node.allowed_calling_ae_titles`` stays the association-level gate (pynetdicom rejects
+others). A calling AE title listed in ``peers`` may use the services its entry names
+(``store``, ``query``, ``retrieve``); with ``check_host`` its association must come from the
+peer's configured host. Callers not listed in ``peers`` get ``node.unlisted_services``.
+C-MOVE destinations are always ``peers`` (see :mod:`node.qr`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("store", "query", "retrieve")
+
+# Refused: Not Authorised, a general failure status (PS3.7 Annex C) valid for every DIMSE-C service.
+REFUSED_NOT_AUTHORISED = 0x0124
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """What one configured peer may do."""
+
+    ae_title: str
+    host: str
+    services: frozenset[str]
+    check_host: bool = False
+
+
+class AccessPolicy:
+    """Answers "may this caller use this service" and "is this caller where it should be".
+
+    Parameters
+    ----------
+    rules
+        Peer rules by AE title.
+    unlisted_services
+        Services for calling AE titles that are not peers.
+    resolve
+        Host name -> addresses (default: the system resolver); replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[PeerRule] = (),
+        unlisted_services: Iterable[str] = SERVICES,
+        resolve: Callable[[str], set[str]] | None = None,
+    ) -> None:
+        self.rules: Mapping[str, PeerRule] = {rule.ae_title: rule for rule in rules}
+        self.unlisted_services = frozenset(unlisted_services)
+        self._resolve = resolve or _addresses
+
+    def allows(self, calling_ae: str, service: str) -> bool:
+        """Whether ``calling_ae`` may use ``service`` (one of :data:`SERVICES`)."""
+        rule = self.rules.get(calling_ae.strip())
+        return service in (rule.services if rule is not None else self.unlisted_services)
+
+    def host_mismatch(self, calling_ae: str, address: str) -> str | None:
+        """Why an association from ``address`` cannot be this peer, or ``None`` when it can."""
+        rule = self.rules.get(calling_ae.strip())
+        if rule is None or not rule.check_host:
+            return None
+        try:
+            expected = self._resolve(rule.host)
+        except OSError as exc:
+            return f"peer {rule.ae_title}: host {rule.host!r} does not resolve ({exc})"
+        if address not in expected:
+            return f"peer {rule.ae_title} is configured at {rule.host}, the association came from {address}"
+        return None
+
+
+def _addresses(host: str) -> set[str]:
+    return {info[4][0] for info in socket.getaddrinfo(host, None)}
