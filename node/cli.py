@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--to", required=True, help="destination AE_TITLE@host:port")
     send.add_argument("--aet", default="SPECTSEND", help="calling AE title (default SPECTSEND)")
     _common(send)
+    purge = sub.add_parser("purge", help="remove studies older than the retention period (files and index rows)")
+    purge.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="retention period in days (default: storage.retention_days)"
+    )
+    purge.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+    purge.add_argument(
+        "--include-failed", action="store_true", help="also remove studies whose SEG deliveries failed for good"
+    )
+    _common(purge)
     demo = sub.add_parser("demo", help="phantom studies -> node -> SEG at a stand-in PACS, with Dice and a PNG")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default demo/)")
     demo.add_argument("--studies", type=int, default=2, help="phantom studies to send")
@@ -168,6 +177,44 @@ def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig) -> int:
     return 0 if outcome.all_succeeded and ok == len(files) else 1
 
 
+def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, include_failed: bool) -> int:
+    from tqdm import tqdm
+
+    from storage import Storage
+    from storage.retention import StudySummary, check_period_days, purge
+
+    days = older_than_days if older_than_days is not None else config.storage.retention_days
+    period_s = check_period_days(days)
+    index_path = Path(config.storage.root) / "index.sqlite3"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no index, nothing is stored there (check storage.root)")
+    verb = "would remove" if dry_run else "removed"
+
+    def bar(studies: list[StudySummary]) -> tqdm:
+        return tqdm(studies, desc="purge", unit="study", disable=len(studies) < 20, file=sys.stderr)
+
+    def show(study: StudySummary, _dry_run: bool) -> None:
+        tqdm.write(
+            f"{verb} study {study.study_instance_uid} (patient {study.patient_id or '-'}, {study.n_instances} "
+            f"instance(s), {study.size_bytes / 1e6:.1f} MB, last received {_when(study.last_received_at)})"
+        )
+
+    with Storage.open(config.storage.root) as storage:
+        report = purge(storage, period_s, dry_run=dry_run, include_failed=include_failed, on_study=show, studies=bar)
+    for held in report.held:
+        print(f"kept study {held.study.study_instance_uid}: {held.reason}")
+    n_removed = len(report.removed)
+    print(
+        f"purge{' (dry run)' if dry_run else ''}: {verb} {n_removed} stud{'y' if n_removed == 1 else 'ies'} "
+        f"({report.instances_removed} instance(s), {report.bytes_removed / 1e6:.1f} MB) received before "
+        f"{_when(report.cutoff)} ({days:g} days); kept {len(report.held)} the node still owes work on"
+        + (f"; {verb} {report.orphans_removed} orphan file(s)" if report.orphans_removed else "")
+    )
+    for error in report.file_errors:
+        print(f"spect-node purge: error: {error}", file=sys.stderr)
+    return 1 if report.file_errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spect-node``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -185,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _resend(config, args.job)
         if args.command == "reprocess":
             return _reprocess(config, args.series_uid)
+        if args.command == "purge":
+            return _purge(config, args.older_than, args.dry_run, args.include_failed)
         if args.command == "send":
             return _send(args.paths, args.to, args.aet, config)
         from node.demo import run_demo
