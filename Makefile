@@ -22,8 +22,8 @@ demo: $(STAMP)
 
 ## peers: the real DICOM peers the tests use (Debian packages; needs root)
 peers:
-	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null; }
+	@command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null && command -v openssl >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools orthanc openssl >/dev/null; }
 
 ## test: the whole suite, slow tests included
 test: $(STAMP) peers

@@ -115,7 +115,7 @@ def make_association_check(storage: Storage, policy: AccessPolicy, audit: AuditL
 
     def on_requested(event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        calling = requestor.ae_title.strip()
+        calling = str(requestor.primitive.calling_ae_title or "").strip()  # requestor.ae_title is set later
         log.info("association requested by %s from %s:%s", calling, requestor.address, requestor.port)
         reason, rejection = None, None
         free = storage.free_bytes_if_low()
@@ -131,6 +131,7 @@ def make_association_check(storage: Storage, policy: AccessPolicy, audit: AuditL
             "association-rejected", calling_ae=calling, address=requestor.address, port=requestor.port, reason=reason
         )
         event.assoc.acse.send_reject(*rejection)
+        event.assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out first
 
     return on_requested
 

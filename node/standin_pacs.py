@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from pathlib import Path
 
@@ -23,7 +24,7 @@ PACS_AE = "DEMOPACS"
 class StandInPacs:
     """A minimal storage SCP standing in for the PACS: keeps every SEG (or NM/PET, e.g. moved to it) it receives."""
 
-    def __init__(self, folder: Path, port: int = 0) -> None:
+    def __init__(self, folder: Path, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.folder = folder
         self.received: dict[str, bytes] = {}
         self.arrived = threading.Condition()
@@ -37,7 +38,10 @@ class StandInPacs:
         ):
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self.server = ae.start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_STORE, self._on_store)],
+            ssl_context=ssl_context,
         )
 
     @property
