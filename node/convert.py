@@ -8,6 +8,10 @@ so that a mask on the converted grid maps one-to-one onto source frames:
 * NM Image Storage, one slice per file (:func:`node.nm_reader.read_nm_series`);
 * single-frame series with top-level ImagePositionPatient/ImageOrientationPatient
   (PET Image Storage and the like; :func:`read_single_frame_series`).
+
+:func:`series_to_nifti` raises only :class:`~node.errors.UnsupportedSeriesError`
+(the series is skipped) or :class:`~node.errors.InvalidSeriesError` (the series
+cannot be converted; the message names the problem and the series or instance).
 """
 
 from __future__ import annotations
@@ -21,18 +25,25 @@ import nibabel as nib
 import numpy as np
 from pydicom import Dataset
 
-from node.errors import UnsupportedSeriesError
+from node.errors import InvalidSeriesError, UnsupportedSeriesError
 from node.nm_reader import (
     NM_IMAGE_STORAGE,
     SliceReference,
+    check_declared_shape,
     check_orientation,
     check_recon_tomo,
+    finite_floats,
+    instance_label,
+    integer_attribute,
     make_nifti,
+    problems_in,
     ras_affine,
     read_nm_multiframe,
     read_nm_series,
+    series_label,
     sort_along_normal,
     stored_frames,
+    to_real_world,
     value_mapping,
 )
 
@@ -142,44 +153,61 @@ def read_single_frame_series(datasets: Sequence[Dataset]) -> ConvertedSeries:
     ------
     UnsupportedSeriesError
         Multi-frame instances.
-    ValueError
-        Missing or inconsistent geometry, mixed series, uneven spacing.
+    InvalidSeriesError
+        Missing or inconsistent geometry, mixed series, uneven spacing, a declared
+        volume outside :func:`~node.nm_reader.check_declared_shape`, unsupported or
+        short pixel data; the message names the series or instance.
     """
     if not datasets:
-        raise ValueError("no datasets given")
+        raise InvalidSeriesError("no datasets given")
+    with problems_in(f"series {series_label(datasets[0])}"):
+        return _read_single_frame_series(datasets)
+
+
+def _read_single_frame_series(datasets: Sequence[Dataset]) -> ConvertedSeries:
     first = datasets[0]
+    matrix = (integer_attribute(first, "Rows"), integer_attribute(first, "Columns"))
+    geometry: list[tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]] = []
     for ds in datasets:
-        if int(ds.get("NumberOfFrames") or 1) != 1:
-            raise UnsupportedSeriesError("multi-frame instances of this SOP class are not supported")
-        if not _has_plane_geometry(ds):
-            raise ValueError(f"instance {ds.get('SOPInstanceUID')} has no ImagePositionPatient/ImageOrientationPatient")
-        if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
-            raise ValueError("datasets belong to more than one series")
-        if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
-            raise ValueError(f"inconsistent matrix: {ds.Rows}x{ds.Columns} vs {first.Rows}x{first.Columns}")
-        if ds.get("PixelSpacing") in (None, ""):
-            raise ValueError(f"instance {ds.get('SOPInstanceUID')} has no PixelSpacing")
-        if not np.allclose(
-            [float(v) for v in ds.ImageOrientationPatient], [float(v) for v in first.ImageOrientationPatient], atol=1e-4
-        ):
-            raise ValueError("inconsistent ImageOrientationPatient across the series")
-        if not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in first.PixelSpacing], rtol=1e-4):
-            raise ValueError("inconsistent PixelSpacing across the series")
-    orientation = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
+        with problems_in(f"instance {instance_label(ds)}"):
+            if integer_attribute(ds, "NumberOfFrames", default=1) != 1:
+                raise UnsupportedSeriesError("multi-frame instances of this SOP class are not supported")
+            if not _has_plane_geometry(ds):
+                raise ValueError("no ImagePositionPatient/ImageOrientationPatient")
+            if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
+                raise ValueError("datasets belong to more than one series")
+            ds_matrix = (integer_attribute(ds, "Rows"), integer_attribute(ds, "Columns"))
+            if ds_matrix != matrix:
+                raise ValueError(
+                    f"inconsistent matrix: {ds_matrix[0]}x{ds_matrix[1]} vs {matrix[0]}x{matrix[1]} (rows x columns)"
+                )
+            if ds.get("PixelSpacing") in (None, ""):
+                raise ValueError("no PixelSpacing (0028,0030)")
+            spacing = finite_floats(ds.PixelSpacing, "PixelSpacing (0028,0030)", 2)
+            if min(spacing) <= 0:
+                raise ValueError(f"PixelSpacing (0028,0030) {list(spacing)} must be positive")
+            orientation = finite_floats(ds.ImageOrientationPatient, "ImageOrientationPatient", 6)
+            position = finite_floats(ds.ImagePositionPatient, "ImagePositionPatient", 3)
+            if geometry:
+                if not np.allclose(orientation, geometry[0][0], atol=1e-4):
+                    raise ValueError("inconsistent ImageOrientationPatient across the series")
+                if not np.allclose(spacing, geometry[0][1], rtol=1e-4):
+                    raise ValueError("inconsistent PixelSpacing across the series")
+            geometry.append((orientation, spacing, position))
+    check_declared_shape(matrix[1], matrix[0], len(datasets))
+    orientation = np.asarray(geometry[0][0], dtype=np.float64)
     check_orientation(orientation)
     row_cosine, column_cosine = orientation[:3], orientation[3:]
-    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in datasets], dtype=np.float64)
+    positions = np.asarray([g[2] for g in geometry], dtype=np.float64)
     order, step = sort_along_normal(positions, row_cosine, column_cosine)
-    if len(order) == 1:
-        thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
-        step = step * abs(float(thickness))
     slices = []
     for index in order:
         ds = datasets[index]
-        slope, intercept = value_mapping(ds)
-        slices.append((stored_frames(ds, 1)[0].astype(np.float64) * slope + intercept).astype(np.float32))
+        with problems_in(f"instance {instance_label(ds)}"):
+            slope, intercept = value_mapping(ds)
+            slices.append(to_real_world(stored_frames(ds, 1)[0], slope, intercept))
     data = np.stack(slices).transpose(2, 1, 0)
-    affine = ras_affine(row_cosine, column_cosine, [float(v) for v in first.PixelSpacing], step, positions[order[0]])
+    affine = ras_affine(row_cosine, column_cosine, geometry[0][1], step, positions[order[0]])
     references = tuple(SliceReference(str(datasets[i].SOPInstanceUID), None) for i in order)
     return ConvertedSeries(make_nifti(data, affine), references, SeriesForm.SINGLE_FRAME)
 
@@ -202,11 +230,17 @@ def series_to_nifti(datasets: Sequence[Dataset]) -> ConvertedSeries:
     UnsupportedSeriesError
         Gated or non-reconstructed NM, several multi-frame NM instances in one series,
         or instances with neither NM detector geometry nor top-level plane geometry.
-    ValueError
-        Malformed or inconsistent input.
+    InvalidSeriesError
+        Malformed or inconsistent input (see the readers); the message names the
+        problem and the series or instance.
     """
     if not datasets:
-        raise ValueError("no datasets given")
+        raise InvalidSeriesError("no datasets given")
+    with problems_in(f"series {series_label(datasets[0])}"):
+        return _series_to_nifti(datasets)
+
+
+def _series_to_nifti(datasets: Sequence[Dataset]) -> ConvertedSeries:
     nm = [ds for ds in datasets if _is_nm(ds)]
     if nm:
         if len(nm) != len(datasets):
@@ -216,7 +250,7 @@ def series_to_nifti(datasets: Sequence[Dataset]) -> ConvertedSeries:
         if len(nm) == 1:
             volume = read_nm_multiframe(nm[0])
             form = SeriesForm.NM_MULTIFRAME
-        elif any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in nm):
+        elif any(integer_attribute(ds, "NumberOfFrames", default=1) > 1 for ds in nm):
             raise UnsupportedSeriesError(
                 f"series holds {len(nm)} NM instances, some multi-frame: expected a single reconstruction"
             )

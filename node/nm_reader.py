@@ -9,19 +9,30 @@ Geometry follows PS3.3 C.8.4.11/C.8.4.15: position and orientation sit in
 Volumes come out in NIfTI voxel order ``(i, j, k)`` = (column, row, slice in
 SliceVector order) with a RAS+ affine ``diag(-1, -1, 1, 1) @ A_LPS``, so slice ``k``
 *is* one stored frame: :class:`NMVolume.references` says which.
+
+Errors: the readers raise :class:`~node.errors.UnsupportedSeriesError` for valid
+input the node does not process and :class:`~node.errors.InvalidSeriesError` (a
+``ValueError``) for anything malformed, naming the problem and the instance or
+series; nothing else escapes them, whatever the dataset holds. Declared sizes are
+checked before any pixel is decoded, so a header announcing a huge volume costs
+nothing (:data:`MAX_VOXELS`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 
-from node.errors import UnsupportedSeriesError
+from node.errors import InvalidSeriesError, UnsupportedSeriesError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +40,138 @@ NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 SLICE_VECTOR_TAG = 0x00540080
 TIME_SLOT_VECTOR_TAG = 0x00540070
 _ORTHOGONALITY_TOLERANCE = 1e-3
+
+MAX_VOXELS = 512**3
+"""Largest volume the readers convert (columns x rows x slices): 0.5 GiB as float32."""
+MIN_VOXELS_PER_AXIS = 8
+"""Smallest extent along each axis of a volume worth segmenting (a 1x1x1 "volume" is refused)."""
+BITS_ALLOCATED = (8, 16, 32)
+"""Supported BitsAllocated values (native grey-scale pixels)."""
+
+# What decoding an arbitrary dataset can raise (pydicom value conversion, numpy, pixel handlers).
+_DECODING_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    ZeroDivisionError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    InvalidDicomError,
+)
+
+
+@contextmanager
+def problems_in(subject: str) -> Iterator[None]:
+    """Raise any decoding error of the block as :class:`InvalidSeriesError` naming ``subject``.
+
+    Parameters
+    ----------
+    subject
+        What is being read, e.g. ``"NM instance 1.2.3"``; prefixes the message.
+
+    Raises
+    ------
+    InvalidSeriesError
+        For any ``ValueError``, ``TypeError``, ``AttributeError``, ``KeyError``,
+        ``IndexError``, ``OverflowError``, ``NotImplementedError``, ``RuntimeError``,
+        ``struct.error`` or pydicom ``InvalidDicomError`` raised in the block. An
+        :class:`InvalidSeriesError` or :class:`UnsupportedSeriesError` from an inner
+        block passes unchanged.
+    """
+    try:
+        yield
+    except (InvalidSeriesError, UnsupportedSeriesError):
+        raise
+    except _DECODING_ERRORS as exc:
+        raise InvalidSeriesError(f"{subject}: {exc}") from exc
+
+
+def instance_label(ds: Dataset) -> str:
+    """``"<SOP Instance UID>"`` of ``ds`` for messages, ``"?"`` when it cannot be read."""
+    try:
+        return str(ds.get("SOPInstanceUID") or "?")
+    except _DECODING_ERRORS:
+        return "?"
+
+
+def series_label(ds: Dataset) -> str:
+    """``"<Series Instance UID>"`` of ``ds`` for messages, ``"?"`` when it cannot be read."""
+    try:
+        return str(ds.get("SeriesInstanceUID") or "?")
+    except _DECODING_ERRORS:
+        return "?"
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about untrusted values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def integer_attribute(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """The integer value of ``keyword`` (``default`` when absent or empty).
+
+    Raises
+    ------
+    ValueError
+        Absent without a default, or not a single integer.
+    """
+    value = ds.get(keyword)
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        if default is None:
+            raise ValueError(f"{keyword} is missing")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{keyword} {shown(value)} is not a single integer") from None
+
+
+def finite_floats(value: object, name: str, count: int | None = None) -> tuple[float, ...]:
+    """A DICOM numeric value (VM >= 1) as finite floats, optionally exactly ``count`` of them.
+
+    Raises
+    ------
+    ValueError
+        Non-numeric, non-finite, or the wrong number of values; the message names ``name``.
+    """
+    try:
+        values = tuple(float(v) for v in _as_list(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {shown(value)} is not numeric") from None
+    if count is not None and len(values) != count:
+        raise ValueError(f"{name} must hold {count} values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} {shown(list(values))} is not finite")
+    return values
+
+
+def check_declared_shape(columns: int, rows: int, slices: int) -> None:
+    """Refuse a declared volume that is too small to segment or too large to convert.
+
+    Called before any pixel is decoded, so a header announcing 1024x1024x1024 voxels
+    allocates nothing.
+
+    Raises
+    ------
+    ValueError
+        Any extent below :data:`MIN_VOXELS_PER_AXIS` or more than :data:`MAX_VOXELS` voxels.
+    """
+    shape = f"{columns}x{rows}x{slices}"
+    if min(columns, rows, slices) < MIN_VOXELS_PER_AXIS:
+        raise ValueError(
+            f"declared volume {shape} (columns x rows x slices) is too small to segment: "
+            f"at least {MIN_VOXELS_PER_AXIS} voxels along each axis are needed"
+        )
+    if columns * rows * slices > MAX_VOXELS:
+        raise ValueError(
+            f"declared volume {shape} ({columns * rows * slices} voxels) is larger than the "
+            f"{MAX_VOXELS} voxels the node converts"
+        )
 
 
 @dataclass(frozen=True)
@@ -125,6 +268,8 @@ def check_orientation(orientation: Sequence[float]) -> None:
     values = np.asarray(orientation, dtype=np.float64)
     if values.shape != (6,):
         raise ValueError(f"ImageOrientationPatient must hold 6 values, got {len(values)}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"ImageOrientationPatient {list(values)} is not finite")
     row, col = values[:3], values[3:]
     if (
         abs(np.linalg.norm(row) - 1.0) > _ORTHOGONALITY_TOLERANCE
@@ -185,7 +330,7 @@ def check_recon_tomo(ds: Dataset) -> None:
         raise UnsupportedSeriesError("gated SPECT (RECON GATED TOMO) is not supported yet")
     if len(image_type) > 2:
         if image_type[2] != "RECON TOMO":
-            raise UnsupportedSeriesError(f"NM ImageType {image_type[2]!r} is not a tomographic reconstruction")
+            raise UnsupportedSeriesError(f"NM ImageType {shown(image_type[2])} is not a tomographic reconstruction")
     else:
         logger.warning("NM ImageType %s has no value 3; assuming RECON TOMO", image_type)
     if len(image_type) > 3 and image_type[3] == "TRANSMISSION":
@@ -193,15 +338,23 @@ def check_recon_tomo(ds: Dataset) -> None:
 
 
 def _slice_spacing(ds: Dataset, number_of_frames: int) -> float:
-    """Signed SpacingBetweenSlices, else SliceThickness (warned), else 0.0 for one frame."""
+    """Signed SpacingBetweenSlices, else SliceThickness (warned), else 0.0 for one frame.
+
+    A multi-frame image needs a non-zero finite step.
+    """
+    spacing: float | None = None
     if ds.get("SpacingBetweenSlices") not in (None, ""):
-        return float(ds.SpacingBetweenSlices)
-    if ds.get("SliceThickness") not in (None, ""):
-        logger.warning("SpacingBetweenSlices missing in %s; using SliceThickness", ds.get("SOPInstanceUID"))
-        return float(ds.SliceThickness)
-    if number_of_frames == 1:
-        return 0.0
-    raise ValueError("multi-frame NM image has neither SpacingBetweenSlices nor SliceThickness")
+        (spacing,) = finite_floats(ds.SpacingBetweenSlices, "SpacingBetweenSlices", 1)
+    elif ds.get("SliceThickness") not in (None, ""):
+        logger.warning("SpacingBetweenSlices missing in %s; using SliceThickness", instance_label(ds))
+        (spacing,) = finite_floats(ds.SliceThickness, "SliceThickness", 1)
+    if spacing is None:
+        if number_of_frames == 1:
+            return 0.0
+        raise ValueError("multi-frame NM image has neither SpacingBetweenSlices nor SliceThickness")
+    if number_of_frames > 1 and spacing == 0.0:
+        raise ValueError("multi-frame NM image has a slice spacing of 0 mm")
+    return spacing
 
 
 def nm_frame_geometry(ds: Dataset) -> NMFrameGeometry:
@@ -221,18 +374,27 @@ def nm_frame_geometry(ds: Dataset) -> NMFrameGeometry:
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
         if detector.get(keyword) in (None, "") or len(_as_list(detector.get(keyword))) == 0:
             raise ValueError(f"DetectorInformationSequence[0] has no {keyword}: no geometry")
-    position = np.asarray([float(v) for v in detector.ImagePositionPatient], dtype=np.float64)
-    if position.shape != (3,):
-        raise ValueError(f"DetectorInformationSequence[0].ImagePositionPatient must hold 3 values: {position}")
-    orientation = tuple(float(v) for v in detector.ImageOrientationPatient)
+    position = np.asarray(
+        finite_floats(detector.ImagePositionPatient, "DetectorInformationSequence[0].ImagePositionPatient", 3),
+        dtype=np.float64,
+    )
+    orientation = finite_floats(
+        detector.ImageOrientationPatient, "DetectorInformationSequence[0].ImageOrientationPatient", 6
+    )
     check_orientation(orientation)
-    spacing = _as_list(ds.get("PixelSpacing"))
-    if len(spacing) != 2:
+    if ds.get("PixelSpacing") in (None, ""):
         raise ValueError("NM image has no PixelSpacing (0028,0030)")
-    pixel_spacing = (float(spacing[0]), float(spacing[1]))
+    pixel_spacing = finite_floats(ds.PixelSpacing, "PixelSpacing (0028,0030)", 2)
+    if min(pixel_spacing) <= 0:
+        raise ValueError(f"PixelSpacing (0028,0030) {list(pixel_spacing)} must be positive")
 
-    number_of_frames = int(ds.get("NumberOfFrames") or 1)
-    slice_vector = [int(v) for v in _as_list(ds.get("SliceVector"))]
+    number_of_frames = integer_attribute(ds, "NumberOfFrames", default=1)
+    if number_of_frames < 1:
+        raise ValueError(f"NumberOfFrames {number_of_frames} is not positive")
+    try:
+        slice_vector = [int(v) for v in _as_list(ds.get("SliceVector"))]
+    except (TypeError, ValueError):
+        raise ValueError(f"SliceVector (0054,0080) {shown(ds.get('SliceVector'))} is not a list of integers") from None
     if not slice_vector:
         if number_of_frames != 1:
             raise ValueError(f"multi-frame NM image ({number_of_frames} frames) has no SliceVector (0054,0080)")
@@ -243,13 +405,13 @@ def nm_frame_geometry(ds: Dataset) -> NMFrameGeometry:
         )
     ordered = np.sort(np.asarray(slice_vector))
     if np.any(np.diff(ordered) != 1):
-        raise ValueError(f"SliceVector values must be distinct consecutive integers, got {slice_vector}")
+        raise ValueError(f"SliceVector values must be distinct consecutive integers, got {shown(slice_vector)}")
 
     sbs = _slice_spacing(ds, number_of_frames)
     normal = np.cross(orientation[:3], orientation[3:])
     offsets = (np.asarray(slice_vector, dtype=np.float64) - slice_vector[0]) * sbs
     frame_positions = position[None, :] + offsets[:, None] * normal[None, :]
-    return NMFrameGeometry(orientation, pixel_spacing, sbs, tuple(slice_vector), frame_positions)
+    return NMFrameGeometry(orientation, (pixel_spacing[0], pixel_spacing[1]), sbs, tuple(slice_vector), frame_positions)
 
 
 def stored_frames(ds: Dataset, number_of_frames: int) -> np.ndarray:
@@ -258,21 +420,30 @@ def stored_frames(ds: Dataset, number_of_frames: int) -> np.ndarray:
     Raises
     ------
     ValueError
-        No pixel data, more than one sample per pixel, or native pixel data shorter
-        than ``rows * cols * frames`` samples.
+        No pixel data, more than one sample per pixel, BitsAllocated not in
+        :data:`BITS_ALLOCATED`, more than :data:`MAX_VOXELS` samples declared, or
+        native pixel data shorter than ``rows * cols * frames`` samples (all checked
+        before decoding).
     """
     if "PixelData" not in ds:
         raise ValueError("image has no PixelData")
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
+    if integer_attribute(ds, "SamplesPerPixel", default=1) != 1:
         raise ValueError("only single-sample (grey-scale) images are supported")
-    rows, cols = int(ds.Rows), int(ds.Columns)
+    rows, cols = integer_attribute(ds, "Rows"), integer_attribute(ds, "Columns")
+    if rows < 1 or cols < 1 or number_of_frames < 1:
+        raise ValueError(f"declared matrix {rows}x{cols} with {number_of_frames} frames is empty")
+    if rows * cols * number_of_frames > MAX_VOXELS:
+        raise ValueError(f"{rows}x{cols}x{number_of_frames} samples declared: more than {MAX_VOXELS}")
+    bits_allocated = integer_attribute(ds, "BitsAllocated")
+    if bits_allocated not in BITS_ALLOCATED:
+        raise ValueError(f"BitsAllocated {bits_allocated} is not supported (one of {BITS_ALLOCATED})")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is None or not syntax.is_compressed:
-        bytes_per_sample = (int(ds.BitsAllocated) + 7) // 8
+        bytes_per_sample = bits_allocated // 8
         expected = rows * cols * number_of_frames * bytes_per_sample
-        if len(ds.PixelData) < expected:
+        if not isinstance(ds.PixelData, bytes) or len(ds.PixelData) < expected:
             raise ValueError(
-                f"pixel data is {len(ds.PixelData)} bytes, shorter than rows*cols*frames "
+                f"pixel data is {len(ds.PixelData or b'')} bytes, shorter than rows*cols*frames "
                 f"= {rows}*{cols}*{number_of_frames} samples ({expected} bytes)"
             )
     return np.asarray(ds.pixel_array).reshape(number_of_frames, rows, cols)
@@ -283,21 +454,27 @@ def value_mapping(ds: Dataset) -> tuple[float, float]:
     if ds.get("RescaleSlope") not in (None, "") or ds.get("RescaleIntercept") not in (None, ""):
         slope = ds.get("RescaleSlope")
         intercept = ds.get("RescaleIntercept")
-        return (
-            float(slope) if slope not in (None, "") else 1.0,
-            float(intercept) if intercept not in (None, "") else 0.0,
-        )
+        (slope_value,) = finite_floats(slope, "RescaleSlope", 1) if slope not in (None, "") else (1.0,)
+        (intercept_value,) = finite_floats(intercept, "RescaleIntercept", 1) if intercept not in (None, "") else (0.0,)
+        return slope_value, intercept_value
     mappings = ds.get("RealWorldValueMappingSequence")
     if mappings:
         item = mappings[0]
         if item.get("RealWorldValueSlope") is None:
             raise ValueError("RealWorldValueMappingSequence[0] uses a LUT; only linear mappings are supported")
-        return float(item.RealWorldValueSlope), float(item.get("RealWorldValueIntercept") or 0.0)
+        (slope_value,) = finite_floats(item.RealWorldValueSlope, "RealWorldValueSlope", 1)
+        (intercept_value,) = finite_floats(item.get("RealWorldValueIntercept") or 0.0, "RealWorldValueIntercept", 1)
+        return slope_value, intercept_value
     return 1.0, 0.0
 
 
-def _to_real_world(frames: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    return (frames.astype(np.float64) * slope + intercept).astype(np.float32)
+def to_real_world(frames: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values to float32 real-world values; ValueError if any is not a finite float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = (frames.astype(np.float64) * slope + intercept).astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"rescaled pixel values overflow float32 (slope {slope:g}, intercept {intercept:g})")
+    return values
 
 
 def read_nm_multiframe(ds: Dataset) -> NMVolume:
@@ -318,16 +495,28 @@ def read_nm_multiframe(ds: Dataset) -> NMVolume:
     ------
     UnsupportedSeriesError
         Gated or non-reconstructed NM images.
-    ValueError
-        Missing or inconsistent geometry or pixel data (see :func:`nm_frame_geometry`).
+    InvalidSeriesError
+        Anything else that prevents the conversion: a declared volume outside
+        :func:`check_declared_shape`, missing or inconsistent geometry (see
+        :func:`nm_frame_geometry`), unsupported or short pixel data (see
+        :func:`stored_frames`), a non-finite rescale. The message starts with
+        ``NM instance <SOP Instance UID>:``.
     """
+    with problems_in(f"NM instance {instance_label(ds)}"):
+        return _read_nm_multiframe(ds)
+
+
+def _read_nm_multiframe(ds: Dataset) -> NMVolume:
     check_recon_tomo(ds)
+    check_declared_shape(
+        integer_attribute(ds, "Columns"), integer_attribute(ds, "Rows"), integer_attribute(ds, "NumberOfFrames", 1)
+    )
     geometry = nm_frame_geometry(ds)
     number_of_frames = len(geometry.slice_vector)
     order = np.argsort(np.asarray(geometry.slice_vector), kind="stable")
     frames = stored_frames(ds, number_of_frames)
     slope, intercept = value_mapping(ds)
-    data = _to_real_world(frames[order], slope, intercept).transpose(2, 1, 0)
+    data = to_real_world(frames[order], slope, intercept).transpose(2, 1, 0)
     step = geometry.spacing_between_slices * geometry.normal
     if not np.any(step):
         step = geometry.normal  # one frame, spacing unknown: any non-singular step
@@ -399,30 +588,44 @@ def read_nm_series(datasets: Sequence[Dataset]) -> NMVolume:
     ------
     UnsupportedSeriesError
         Gated or non-reconstructed NM images.
-    ValueError
+    InvalidSeriesError
         Empty input, multi-frame files, mixed series, inconsistent orientation,
-        pixel spacing or matrix, or a stack that is not evenly spaced.
+        pixel spacing or matrix, a stack that is not evenly spaced, a declared volume
+        outside :func:`check_declared_shape`, or a file that
+        :func:`read_nm_multiframe` would refuse. The message names the instance
+        (``NM instance <uid>:``) or the series (``series <uid>:``).
     """
     if not datasets:
-        raise ValueError("no datasets given")
+        raise InvalidSeriesError("no datasets given")
+    with problems_in(f"series {series_label(datasets[0])}"):
+        return _read_nm_series(datasets)
+
+
+def _read_nm_series(datasets: Sequence[Dataset]) -> NMVolume:
     first = datasets[0]
+    matrix = (integer_attribute(first, "Rows"), integer_attribute(first, "Columns"))
+    check_declared_shape(matrix[1], matrix[0], len(datasets))
     geometries: list[NMFrameGeometry] = []
     for ds in datasets:
-        check_recon_tomo(ds)
-        if int(ds.get("NumberOfFrames") or 1) != 1:
-            raise ValueError("read_nm_series takes one-frame files; use read_nm_multiframe for multi-frame NM")
-        if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
-            raise ValueError("datasets belong to more than one series")
-        if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
-            raise ValueError(f"inconsistent matrix: {ds.Rows}x{ds.Columns} vs {first.Rows}x{first.Columns}")
-        geometry = nm_frame_geometry(ds)
-        if geometries:
-            reference = geometries[0]
-            if not np.allclose(geometry.orientation, reference.orientation, atol=1e-4):
-                raise ValueError("inconsistent ImageOrientationPatient across the series")
-            if not np.allclose(geometry.pixel_spacing, reference.pixel_spacing, rtol=1e-4):
-                raise ValueError("inconsistent PixelSpacing across the series")
-        geometries.append(geometry)
+        with problems_in(f"NM instance {instance_label(ds)}"):
+            check_recon_tomo(ds)
+            if integer_attribute(ds, "NumberOfFrames", default=1) != 1:
+                raise ValueError("read_nm_series takes one-frame files; use read_nm_multiframe for multi-frame NM")
+            if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
+                raise ValueError("datasets belong to more than one series")
+            ds_matrix = (integer_attribute(ds, "Rows"), integer_attribute(ds, "Columns"))
+            if ds_matrix != matrix:
+                raise ValueError(
+                    f"inconsistent matrix: {ds_matrix[0]}x{ds_matrix[1]} vs {matrix[0]}x{matrix[1]} (rows x columns)"
+                )
+            geometry = nm_frame_geometry(ds)
+            if geometries:
+                reference = geometries[0]
+                if not np.allclose(geometry.orientation, reference.orientation, atol=1e-4):
+                    raise ValueError("inconsistent ImageOrientationPatient across the series")
+                if not np.allclose(geometry.pixel_spacing, reference.pixel_spacing, rtol=1e-4):
+                    raise ValueError("inconsistent PixelSpacing across the series")
+            geometries.append(geometry)
 
     reference = geometries[0]
     positions = np.stack([g.frame_positions[0] for g in geometries])
@@ -435,8 +638,9 @@ def read_nm_series(datasets: Sequence[Dataset]) -> NMVolume:
     slices = []
     for index in order:
         ds = datasets[index]
-        slope, intercept = value_mapping(ds)
-        slices.append(_to_real_world(stored_frames(ds, 1)[0], slope, intercept))
+        with problems_in(f"NM instance {instance_label(ds)}"):
+            slope, intercept = value_mapping(ds)
+            slices.append(to_real_world(stored_frames(ds, 1)[0], slope, intercept))
     data = np.stack(slices).transpose(2, 1, 0)
     affine = ras_affine(
         reference.row_cosine, reference.column_cosine, reference.pixel_spacing, step, positions[order[0]]

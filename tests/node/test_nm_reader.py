@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from node.errors import UnsupportedSeriesError
-from node.nm_reader import read_nm_multiframe, read_nm_series
+from node.errors import InvalidSeriesError, UnsupportedSeriesError
+from node.nm_reader import MAX_VOXELS, read_nm_multiframe, read_nm_series
 from node.nm_writer import nifti_to_nm, nifti_to_nm_series
 
 IDENTITY = {"patient_name": "Phantom^Reader", "patient_id": "READER01"}
@@ -154,8 +155,75 @@ def test_malformed_multiframe_raises_clear_value_error(damage, message, nm_phant
     image, _ = nm_phantom("axial")
     ds = dicom_reencode(nifti_to_nm(image, **IDENTITY))
     damage(ds)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidSeriesError, match=f"^NM instance {ds.SOPInstanceUID}: .*{message}"):
         read_nm_multiframe(ds)
+
+
+def _one_voxel(ds):
+    ds.Rows = ds.Columns = ds.NumberOfFrames = 1
+    ds.SliceVector = [1]
+    ds.PixelData = ds.PixelData[:2]
+
+
+def _nan_orientation(ds):
+    ds.DetectorInformationSequence[0].ImageOrientationPatient = [float("nan"), 0, 0, 0, 1, 0]
+
+
+def _zero_slice_spacing(ds):
+    ds.SpacingBetweenSlices = 0
+
+
+def _negative_pixel_spacing(ds):
+    ds.PixelSpacing = [-4.5, 4.0]
+
+
+def _twelve_bits_allocated(ds):
+    ds.BitsAllocated = 12
+
+
+def _slice_vector_with_gaps(ds):
+    ds.SliceVector = [2 * v for v in ds.SliceVector]
+
+
+def _infinite_rescale(ds):
+    ds.RescaleSlope = "1e308"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_one_voxel, "declared volume 1x1x1 .* too small"),
+        (_nan_orientation, "ImageOrientationPatient .* not finite"),
+        (_zero_slice_spacing, "slice spacing of 0 mm"),
+        (_negative_pixel_spacing, "PixelSpacing .* must be positive"),
+        (_twelve_bits_allocated, "BitsAllocated 12 is not supported"),
+        (_slice_vector_with_gaps, "SliceVector values must be distinct consecutive integers"),
+        (_infinite_rescale, "overflow float32"),
+    ],
+)
+def test_implausible_multiframe_raises_invalid_series_error(damage, message, nm_phantom, dicom_reencode):
+    image, _ = nm_phantom("axial")
+    ds = dicom_reencode(nifti_to_nm(image, **IDENTITY))
+    damage(ds)
+    with pytest.raises(InvalidSeriesError, match=f"^NM instance {ds.SOPInstanceUID}: .*{message}"):
+        read_nm_multiframe(dicom_reencode(ds))
+
+
+def test_huge_declared_volume_is_refused_before_any_pixel_is_read(nm_phantom, dicom_reencode):
+    """1024x1024x1024 declared with a few kB of pixels: refused by size, nothing large allocated."""
+    image, _ = nm_phantom("axial")
+    ds = dicom_reencode(nifti_to_nm(image, **IDENTITY))
+    ds.Rows = ds.Columns = ds.NumberOfFrames = 1024
+    ds.SliceVector = list(range(1, 1025))
+    ds = dicom_reencode(ds)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidSeriesError, match=f"1024x1024x1024 .* larger than the {MAX_VOXELS} voxels"):
+            read_nm_multiframe(ds)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
 
 
 @pytest.mark.parametrize("image_type", ["RECON GATED TOMO", "TOMO", "STATIC"])
@@ -217,5 +285,15 @@ def test_inconsistent_slice_files_raise_clear_value_error(damage, message, nm_ph
     image, _ = nm_phantom("axial")
     files = [dicom_reencode(ds) for ds in nifti_to_nm_series(image, **IDENTITY)]
     damage(files)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidSeriesError, match=message) as raised:
+        read_nm_series(files)
+    assert str(files[0].SeriesInstanceUID) in str(raised.value) or any(
+        str(ds.SOPInstanceUID) in str(raised.value) for ds in files
+    )
+
+
+def test_series_of_too_few_slices_is_refused(nm_phantom, dicom_reencode):
+    image, _ = nm_phantom("axial")
+    files = [dicom_reencode(ds) for ds in nifti_to_nm_series(image, **IDENTITY)][:3]
+    with pytest.raises(InvalidSeriesError, match=f"^series {files[0].SeriesInstanceUID}: declared volume 32x28x3"):
         read_nm_series(files)
