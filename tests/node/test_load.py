@@ -1,0 +1,83 @@
+"""Load: 16 associations open at once send 50 mixed studies; every study gets exactly one SEG.
+
+The node runs in-process with the shipped model on the CPU; the destination records
+every C-STORE it receives (a SEG sent twice would show twice). The scenario lives in
+``tests/support/load_scenario.py``; ``benchmarks/node_load.py`` times the same one
+with the node in its own process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from load_scenario import DESTINATION_AE, KINDS, CountingDestination, make_studies, send_concurrently
+from studies import WEIGHTS, node_config
+
+from config.schema import PeerSection
+from node.service import Node
+from storage import DeliveryState, JobState
+
+N_STUDIES = 50
+N_ASSOCIATIONS = 16
+SEG_TIMEOUT = 240.0  # all 50 SEGs; ~1 min on 2 idle cores
+
+
+@pytest.fixture
+def destination() -> Iterator[CountingDestination]:
+    server = CountingDestination()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, destination: CountingDestination) -> Iterator[Node]:
+    if not WEIGHTS.is_file():
+        pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
+    peers = [PeerSection(ae_title=DESTINATION_AE, host="127.0.0.1", port=destination.port)]
+    config = node_config(
+        tmp_path / "node", f"node.max_associations={N_ASSOCIATIONS}", "node.series_idle_timeout=3", peers=peers
+    )
+    running = Node.start(config)
+    yield running
+    running.stop()
+
+
+@pytest.mark.slow
+def test_sixteen_associations_fifty_studies_one_seg_each(node: Node, destination: CountingDestination) -> None:
+    studies = make_studies(N_STUDIES)
+    assert {s.kind for s in studies} == set(KINDS)
+    n_instances = sum(len(s.datasets) for s in studies)
+
+    start = time.monotonic()
+    sent = send_concurrently(node.port, node.config.node.ae_title, studies, N_ASSOCIATIONS)
+    assert sent.all_open_at_once, sent.errors
+    assert len(sent.statuses) == n_instances and not sent.failed, sent.failed
+
+    assert destination.wait_for(N_STUDIES, SEG_TIMEOUT), (
+        f"{len(destination.arrivals)}/{N_STUDIES} SEGs after {SEG_TIMEOUT} s; jobs: "
+        f"{[(j.id, j.state, j.reason) for j in node.storage.index.jobs(limit=N_STUDIES) if j.state != 'done']}"
+    )
+    elapsed = time.monotonic() - start
+    index = node.storage.index
+    deadline = time.monotonic() + 30  # the last delivery is recorded just after its C-STORE response
+    while any(d.state != DeliveryState.DONE for d in index.deliveries()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    per_study = destination.per_study()
+    assert set(per_study) == {s.study_instance_uid for s in studies}  # every study's SEG arrived...
+    assert set(per_study.values()) == {1}  # ...exactly once
+    assert len({sop for sop, _ in destination.arrivals}) == N_STUDIES
+    jobs = index.jobs(limit=10 * N_STUDIES)
+    assert len(jobs) == N_STUDIES and {j.state for j in jobs} == {JobState.DONE}
+    assert {j.series_instance_uid for j in jobs} == {s.series_instance_uid for s in studies}
+    assert all(j.attempts == 1 for j in jobs)
+    deliveries = index.deliveries()
+    assert len(deliveries) == N_STUDIES
+    assert all(d.state == DeliveryState.DONE and d.attempts == 1 for d in deliveries)
+    # inference is serialised: no two jobs ran at the same time
+    spans = sorted((j.started_at, j.finished_at) for j in jobs)
+    assert all(previous[1] <= following[0] for previous, following in zip(spans, spans[1:], strict=False))
+    print(f"\n{N_STUDIES} studies ({n_instances} instances) over {N_ASSOCIATIONS} associations: {elapsed:.1f} s")
