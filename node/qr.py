@@ -39,6 +39,7 @@ from pynetdicom.sop_class import (
 from node.audit import AuditLog, identifier_keys
 from node.network import NODELAY_HANDLERS, PeerAddress
 from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy
+from node.response_guard import GUARD_HANDLERS
 from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
 from storage.query import UNIQUE_KEYS
 
@@ -350,7 +351,7 @@ def handle_move(
     if peer is None:
         yield None, None  # pynetdicom answers MOVE_DESTINATION_UNKNOWN
         return
-    handlers = list(NODELAY_HANDLERS)
+    handlers = [*NODELAY_HANDLERS, *GUARD_HANDLERS]  # pynetdicom's response race (node.response_guard)
     if isinstance(instances, int):
         # pynetdicom associates before it takes a status: propose Verification only.
         verification: dict[str, Any] = {"contexts": [build_context(Verification)], "evt_handlers": handlers}

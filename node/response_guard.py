@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
@@ -50,3 +51,12 @@ def keep_responses_for_the_caller(assoc: Association) -> Association:
 
     assoc._serve_request = serve_request  # type: ignore[method-assign]
     return assoc
+
+
+def _guard_requestor(event: Any) -> None:
+    if event.assoc.is_requestor:
+        keep_responses_for_the_caller(event.assoc)
+
+
+# Bind on the node's own requestor associations (result sending, C-MOVE sub-associations).
+GUARD_HANDLERS = [(evt.EVT_ESTABLISHED, _guard_requestor)]

@@ -15,6 +15,7 @@ from pynetdicom import AE, build_context
 from tqdm import tqdm
 
 from node.network import NODELAY_HANDLERS, PeerAddress, configure_timeouts
+from node.response_guard import keep_responses_for_the_caller
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def send_datasets(
     if not assoc.is_established:
         outcome.error = f"association with {peer} failed (rejected, aborted or unreachable)"
         return outcome
+    keep_responses_for_the_caller(assoc)  # pynetdicom's response race: no lost C-STORE response, no double SEG
     try:
         for ds in tqdm(datasets, desc=f"C-STORE -> {peer.ae_title}", unit="inst", disable=not progress):
             status = assoc.send_c_store(ds)
