@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from node.audit import AuditLog
 from node.convert import is_reconstructed_emission, series_to_nifti
-from node.errors import UnsupportedSeriesError
+from node.errors import InvalidSeriesError, UnsupportedSeriesError
 from node.seg_encode import build_seg, with_research_marking
 from seg.predictor import Predictor
 from seg.preprocess import voxel_spacing
@@ -104,18 +104,36 @@ class SegmentationWorker:
         """Claim and process jobs until :attr:`stop_event` is set (the job in hand is finished).
 
         Sleeps until :attr:`wake` is set or ``poll_interval`` passes (jobs a restart re-queued,
-        or queued by another process such as ``spect-node reprocess``).
+        or queued by another process such as ``spect-node reprocess``). An error outside a
+        job's own processing (the index unavailable, say) is logged and the loop goes on
+        after ``poll_interval``: the worker thread never dies while the node receives.
         """
         while not self.stop_event.is_set():
             self.wake.clear()
-            job = self.storage.index.claim_job(self.worker_id)
-            if job is None:
-                self.wake.wait(poll_interval)
-                continue
-            state = self.process(job)
-            self._audit_result(job)
-            if state == JobState.DONE:
-                self.on_result()
+            job: Job | None = None
+            try:
+                job = self.storage.index.claim_job(self.worker_id)
+                if job is None:
+                    self.wake.wait(poll_interval)
+                    continue
+                state = self.process(job)
+                self._audit_result(job)
+                if state == JobState.DONE:
+                    self.on_result()
+            except Exception as exc:  # keep the worker alive; the job, if any, is failed below
+                log.exception("worker loop error%s", "" if job is None else f" on job {job.id}")
+                if job is not None:
+                    self._fail_if_running(job, f"worker error: {type(exc).__name__}: {exc}")
+                self.stop_event.wait(poll_interval)
+
+    def _fail_if_running(self, job: Job, reason: str) -> None:
+        """Best effort: mark ``job`` failed unless it already reached a final state."""
+        try:
+            current = self.storage.index.job(job.id)
+            if current is not None and current.state in (JobState.RUNNING, JobState.QUEUED):
+                self.storage.index.finish_job(job.id, JobState.FAILED, reason=reason)
+        except Exception:  # the index itself is failing: a restart requeues the job
+            log.exception("could not record the failure of job %d", job.id)
 
     def _audit_result(self, job: Job) -> None:
         index = self.storage.index
@@ -135,7 +153,15 @@ class SegmentationWorker:
         )
 
     def process(self, job: Job) -> JobState:
-        """Run one job to a final state (done, skipped or failed); never raises."""
+        """Run one job to a final state (done, skipped or failed).
+
+        A series that is not for the node (:class:`~node.errors.UnsupportedSeriesError`)
+        is ``skipped``; one that cannot be converted
+        (:class:`~node.errors.InvalidSeriesError`) or any other error, a missing or
+        corrupt model included, makes the job ``failed`` with ``"<error type>: <message>"``
+        as its reason. The instances stay stored and no SEG is made. Raises only if
+        the index cannot record the outcome (:meth:`run` then fails the job).
+        """
         index = self.storage.index
         series = job.series_instance_uid
         try:
@@ -154,9 +180,15 @@ class SegmentationWorker:
             log.info("job %d series=%s skipped: %s", job.id, series, exc)
             index.finish_job(job.id, JobState.SKIPPED, reason=str(exc))
             return JobState.SKIPPED
+        except InvalidSeriesError as exc:  # bad input: the reason says it all, no traceback
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("job %d series=%s failed: %s", job.id, series, reason)
+            index.finish_job(job.id, JobState.FAILED, reason=reason)
+            return JobState.FAILED
         except Exception as exc:  # a job fails with its reason; the node keeps running
-            log.exception("job %d series=%s failed", job.id, series)
-            index.finish_job(job.id, JobState.FAILED, reason=f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("job %d series=%s failed: %s", job.id, series, reason)
+            index.finish_job(job.id, JobState.FAILED, reason=reason)
             return JobState.FAILED
 
     def _load(self, series_uid: str) -> list[Dataset]:

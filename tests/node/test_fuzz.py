@@ -20,26 +20,41 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import logging
+import time
 import tracemalloc
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
+import pynetdicom
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset, dcmread, dcmwrite
 from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from studies import node_config
 
 from node.convert import series_to_nifti
 from node.errors import InvalidSeriesError, UnsupportedSeriesError
-from node.nm_reader import read_nm_multiframe, read_nm_series
+from node.nm_reader import NM_IMAGE_STORAGE, read_nm_multiframe, read_nm_series
 from node.nm_writer import nifti_to_nm, nifti_to_nm_series
+from node.receiver import Receiver
+from node.service import Node
+from node.worker import SegmentationWorker, WorkerSettings
+from storage import Job, JobState, Storage
 
 FUZZ = settings(
     max_examples=150,
@@ -295,3 +310,196 @@ def test_nm_series_reader_raises_only_documented_errors(edits: list[tuple[int, D
             assert str(exc).strip()
             continue
         _check_volume(outcome.image, len(outcome.references))
+
+
+# ---------------------------------------------------------------- the C-STORE path
+
+# Statuses of node.receiver.Receiver.store for the sender's faults; 0xA700 (out of resources) is
+# for the node's own disk and index, which are healthy here, so it would be a misclassification.
+STORE_STATUSES = {0x0000, 0xA900, 0xC210}
+FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.SKIPPED)
+_uid_counter = itertools.count(1)
+
+
+class ThresholdPredictor:
+    """Stands in for the U-Net (not what is fuzzed): the brightest tenth of the volume is "myocardium".
+
+    It gives converted fuzz cases a non-empty mask, so their SEG is encoded and stored
+    like a real result, exercising the encoder with fuzzed headers too.
+    """
+
+    description = "threshold stand-in"
+    checkpoint = SimpleNamespace(provenance={"code_version": "fuzz"}, spec=SimpleNamespace(init_features=1))
+
+    def predict_array(self, volume: np.ndarray, affine: np.ndarray) -> SimpleNamespace:
+        return SimpleNamespace(mask=(volume > np.percentile(volume, 90)).astype(np.uint8))
+
+
+@dataclass
+class StorePath:
+    """A storage root, its C-STORE sink and a worker, used without any network."""
+
+    storage: Storage
+    receiver: Receiver
+    worker: SegmentationWorker
+
+    def settle(self) -> list[Job]:
+        """Complete idle series, then run every queued job; returns the jobs processed."""
+        self.receiver.sweep_idle(0.0, now=time.time() + 1.0)
+        processed = []
+        while (job := self.storage.index.claim_job("fuzz")) is not None:
+            assert self.worker.process(job) in FINAL_STATES
+            processed.append(job)
+        return processed
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorePath]:
+    storage = Storage.open(tmp_path_factory.mktemp("fuzz-store"))
+    settings_ = WorkerSettings(
+        accept_pet_like=True, seg_series_number=999, seg_series_description="fuzz", destinations=()
+    )
+    worker = SegmentationWorker(storage, ThresholdPredictor, settings_, worker_id="fuzz")
+    yield StorePath(storage, Receiver(storage), worker)
+    storage.close()
+
+
+def _fresh_identity(ds: Dataset) -> Dataset:
+    """New SOP Instance and Series UIDs, so that every example is a new instance in a new series."""
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _new_uid()
+    ds.SeriesInstanceUID = _new_uid()
+    return ds
+
+
+def _new_uid() -> str:
+    return f"2.25.{next(_uid_counter)}"
+
+
+def implicit_body(ds: Dataset) -> bytes:
+    """The data set alone (no file meta) in Implicit VR Little Endian."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def received_bytes(body: bytes, sop_instance_uid: str, transfer_syntax_uid: str = ExplicitVRLittleEndian) -> bytes:
+    """What pynetdicom hands the C-STORE handler: preamble, file meta built from the request, the data set."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = NM_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    buffer = io.BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue() + body
+
+
+@dataclass(frozen=True)
+class StoreCase:
+    """One fuzzed C-STORE: the data set bytes, the request's SOP Instance UID, the transfer syntax.
+
+    ``with_meta`` False hands the sink the bytes alone (no preamble or file meta), which
+    pynetdicom never does but the sink must survive anyway.
+    """
+
+    body: bytes
+    request_uid: str
+    transfer_syntax_uid: str
+    with_meta: bool = True
+
+    @property
+    def encoded(self) -> bytes:
+        """What the C-STORE handler passes to the sink."""
+        if not self.with_meta:
+            return self.body
+        return received_bytes(self.body, self.request_uid, self.transfer_syntax_uid)
+
+
+@st.composite
+def store_cases(draw: st.DrawFn) -> StoreCase:
+    """Random bytes, or a valid NM instance with edits, flipped bytes and a random cut."""
+    kind = draw(st.sampled_from(["bytes", "bytes-no-meta", "mutated", "mutated", "mutated", "slice"]))
+    if kind.startswith("bytes"):
+        body = draw(st.binary(max_size=2048))
+        return StoreCase(body, _new_uid(), ExplicitVRLittleEndian, with_meta=kind == "bytes")
+    source = multiframe_bytes() if kind == "mutated" else draw(st.sampled_from(slice_file_bytes()))
+    ds = _fresh_identity(decode(source))
+    uid = str(ds.SOPInstanceUID)
+    body = bytearray(implicit_body(apply_edits(ds, draw(DATASET_EDITS))))
+    for _ in range(draw(st.integers(0, 3))):  # flip a few bytes anywhere in the data set
+        if body:
+            position = draw(st.integers(0, len(body) - 1))
+            body[position] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        body = body[: draw(st.integers(0, len(body)))]
+    request_uid = draw(st.sampled_from([uid, uid, uid, _new_uid()]))  # sometimes not the data set's
+    return StoreCase(bytes(body), request_uid, ImplicitVRLittleEndian)
+
+
+@FUZZ
+@given(case=store_cases())
+def test_store_path_always_answers_a_status_and_finishes_every_job(store_path: StorePath, case: StoreCase) -> None:
+    status = store_path.receiver.store(
+        case.encoded, NM_IMAGE_STORAGE, case.request_uid, case.transfer_syntax_uid, "FUZZSCU"
+    )
+    assert status in STORE_STATUSES
+    event(f"status 0x{status:04X}")
+    # Refused: nothing written. Accepted: indexed under the request's UID.
+    assert (store_path.storage.index.instance(case.request_uid) is not None) == (status == 0x0000)
+    for job in store_path.settle():
+        final = store_path.storage.index.job(job.id)
+        assert final is not None and final.state in FINAL_STATES
+        event(f"job {final.state.value}")
+        if final.state == JobState.FAILED:
+            assert final.reason
+    assert not store_path.storage.index.jobs(state=JobState.RUNNING)
+    assert not store_path.storage.index.jobs(state=JobState.QUEUED)
+
+
+NETWORK_EXAMPLES = 25
+
+
+def test_store_over_a_real_association(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bounded number of fuzz cases through a running node: a status for each, the node stays up.
+
+    pynetdicom's chunked-dataset mode sends the bytes after the file meta unparsed, so
+    garbage reaches the node's C-STORE handler as it would from a broken sender. The
+    model file is absent: a case that converts fails at inference, which is fine here.
+    """
+    config = node_config(tmp_path / "node", f"model.weights={tmp_path / 'absent.pth'}", "node.series_idle_timeout=1")
+    node = Node.start(config, load_model=False)
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="FUZZSCU")
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # one context per syntax: the node picks one
+        ae.add_requested_context(NM_IMAGE_STORAGE, syntax)
+    ae.add_requested_context(Verification)
+    statuses: list[int] = []
+    try:
+
+        @settings(FUZZ, max_examples=NETWORK_EXAMPLES)
+        @given(case=store_cases())
+        def send(case: StoreCase) -> None:
+            path = tmp_path / "case.dcm"
+            path.write_bytes(received_bytes(case.body, case.request_uid, case.transfer_syntax_uid))
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="SPECTNODE")
+            assert assoc.is_established
+            try:
+                response = assoc.send_c_store(path)
+                assert response and int(response.Status) in STORE_STATUSES, response
+                statuses.append(int(response.Status))
+            finally:
+                assoc.release()
+
+        send()
+        assert len(statuses) >= NETWORK_EXAMPLES
+        deadline = time.monotonic() + 60
+        index = node.storage.index
+        while (index.jobs(state=JobState.QUEUED) or index.jobs(state=JobState.RUNNING)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not index.jobs(state=JobState.RUNNING) and not index.jobs(state=JobState.QUEUED)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SPECTNODE")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        node.stop()
