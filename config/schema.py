@@ -133,6 +133,26 @@ class VizSection(Section):
     mask_suffix_out: str = "_pred_pp.nii.gz"
 
 
+class TlsSection(Section):
+    """DICOM TLS (PS3.15 B.1): the listening port (``enabled``) and the node's identity towards TLS peers."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if self.enabled and self.certificate is None:
+            raise ValueError("enabled needs certificate and private_key")
+        if self.enabled and self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (or set it to false)")
+        return self
+
+
 class NodeSection(Section):
     ae_title: str = Field("SPECTNODE", min_length=1, max_length=16)
     host: str = "127.0.0.1"
@@ -154,22 +174,12 @@ class NodeSection(Section):
     min_free_bytes: int = Field(100_000_000, ge=0)
     log_format: Literal["text", "json"] = "text"
     audit_log: Path | None = None
+    audit_fsync: bool = False
     unlisted_services: list[Literal["store", "query", "retrieve"]] = Field(
         default_factory=lambda: ["store", "query", "retrieve"]
     )
-    tls_certificate: Path | None = None
-    tls_private_key: Path | None = None
-    tls_ca_certificates: Path | None = None
-    tls_require_client_certificate: bool = False
+    tls: TlsSection = Field(default_factory=TlsSection)
     test_pause_at: Literal["convert", "infer", "encode"] | None = None
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> NodeSection:
-        if (self.tls_certificate is None) != (self.tls_private_key is None):
-            raise ValueError("tls_certificate and tls_private_key go together")
-        if self.tls_require_client_certificate and self.tls_ca_certificates is None:
-            raise ValueError("tls_require_client_certificate needs tls_ca_certificates")
-        return self
 
 
 class PeerSection(Section):

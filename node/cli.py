@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("paths", nargs="+", type=Path)
     send.add_argument("--to", required=True, help="destination AE_TITLE@host:port")
     send.add_argument("--aet", default="SPECTSEND", help="calling AE title (default SPECTSEND)")
+    send.add_argument(
+        "--tls",
+        action="store_true",
+        help="DICOM TLS: verify the peer against node.tls.ca_certificates, show node.tls.certificate",
+    )
     _common(send)
     purge = sub.add_parser("purge", help="remove studies older than the retention period (files and index rows)")
     purge.add_argument(
@@ -157,12 +162,14 @@ def _reprocess(config: AppConfig, series_uid: str) -> int:
     return 0
 
 
-def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig) -> int:
+def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig, tls: bool = False) -> int:
     from node.network import PeerAddress
     from node.scu import send_files
     from node.service import node_timeouts
+    from node.tls import client_context
 
     peer = PeerAddress.parse(to)
+    tls_args = (client_context(config.node.tls), peer.host) if tls else None
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -171,7 +178,7 @@ def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig) -> int:
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
-    outcome = send_files(files, peer, aet, node_timeouts(config), progress=True)
+    outcome = send_files(files, peer, aet, node_timeouts(config), progress=True, tls_args=tls_args)
     ok = len(outcome.statuses) - outcome.n_failed
     print(f"sent {ok}/{len(files)} instance(s) to {peer}" + (f"; error: {outcome.error}" if outcome.error else ""))
     return 0 if outcome.all_succeeded and ok == len(files) else 1
@@ -235,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "purge":
             return _purge(config, args.older_than, args.dry_run, args.include_failed)
         if args.command == "send":
-            return _send(args.paths, args.to, args.aet, config)
+            return _send(args.paths, args.to, args.aet, config, args.tls)
         from node.demo import run_demo
 
         return run_demo(config, args.out, args.studies)

@@ -3,23 +3,39 @@
 ``node.allowed_calling_ae_titles`` stays the association-level gate (pynetdicom rejects
 others). A calling AE title listed in ``peers`` may use the services its entry names
 (``store``, ``query``, ``retrieve``); with ``check_host`` its association must come from the
-peer's configured host. Callers not listed in ``peers`` get ``node.unlisted_services``.
-C-MOVE destinations are always ``peers`` (see :mod:`node.qr`).
+peer's configured host. Callers not listed in ``peers`` get ``node.unlisted_services``
+(all three by default). C-ECHO is open to every association the gate admits. C-MOVE
+destinations are always ``peers`` (see :mod:`node.qr`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from pydicom import Dataset
+
 log = logging.getLogger(__name__)
 
 SERVICES = ("store", "query", "retrieve")
 
-# Refused: Not Authorised, a general failure status (PS3.7 Annex C) valid for every DIMSE-C service.
+# Refused: Not Authorized (PS3.7 C.5.x), one of the general statuses of C-STORE (PS3.7 9.1.1.1.9)
+# and C-MOVE (9.1.4.1.7). C-FIND (9.1.2.1.6) and C-GET (9.1.3.1.6) do not list it: their
+# refusal is a "Failed: Unable to process" status (Cxxx, PS3.4 C.4.1.1.4 and C.4.3.1.4),
+# 0xC124 here. Every refusal carries an Error Comment naming the missing permission.
 REFUSED_NOT_AUTHORISED = 0x0124
+UNABLE_TO_PROCESS_NOT_AUTHORISED = 0xC124
+
+
+def refusal(status: int, calling_ae: str, service: str) -> Dataset:
+    """The status data set of a refused request: ``status`` and an Error Comment (64 characters at most)."""
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = f"{calling_ae} is not authorised to {service}"[:64]
+    return answer
 
 
 @dataclass(frozen=True)
@@ -69,10 +85,20 @@ class AccessPolicy:
             expected = self._resolve(rule.host)
         except OSError as exc:
             return f"peer {rule.ae_title}: host {rule.host!r} does not resolve ({exc})"
-        if address not in expected:
+        if _plain(address) not in {_plain(a) for a in expected}:
             return f"peer {rule.ae_title} is configured at {rule.host}, the association came from {address}"
         return None
 
 
 def _addresses(host: str) -> set[str]:
-    return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+
+
+def _plain(address: str) -> str:
+    """``::ffff:10.0.0.5`` (an IPv4 caller on an IPv6 socket) -> ``10.0.0.5``; other addresses unchanged."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return str(mapped or parsed)

@@ -7,9 +7,16 @@ a bad identifier is answered with a failure status and a log line.
 
 C-MOVE sends to configured peers only (by AE title), over a sub-association that
 pynetdicom opens with the handler's ``(host, port, kwargs)``: the kwargs carry
-the presentation contexts of the instances to send and the TCP_NODELAY handler.
-A retrieve whose identifier is bad still opens (and at once releases) that
-sub-association, because pynetdicom asks for the destination before any status.
+the presentation contexts of the instances to send, the TCP_NODELAY handler and,
+for a peer reached over TLS, its ``tls_args``. A retrieve that is refused (bad
+identifier, caller not authorised) still opens (and at once releases) that
+sub-association, because pynetdicom asks for the destination and the number of
+sub-operations, and associates, before it takes a status.
+
+A caller whose peer rule lacks ``query`` or ``retrieve`` (:mod:`node.policy`) is
+refused with an Error Comment: C-MOVE with 0x0124 (Refused: Not Authorized),
+C-FIND and C-GET with 0xC124 (Failed: Unable to process), as PS3.7 lists "Not
+Authorized" among the C-MOVE statuses but not among those of C-FIND and C-GET.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from pynetdicom.sop_class import (
 
 from node.audit import AuditLog, identifier_keys
 from node.network import NODELAY_HANDLERS, PeerAddress
-from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy
+from node.policy import REFUSED_NOT_AUTHORISED, UNABLE_TO_PROCESS_NOT_AUTHORISED, AccessPolicy, refusal
 from node.response_guard import GUARD_HANDLERS
 from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
 from storage.query import UNIQUE_KEYS
@@ -176,14 +183,15 @@ def _parse(event: evt.Event, models: Mapping[str, InformationModel], service: st
         return UNABLE_TO_PROCESS
 
 
-def _refused(event: evt.Event, policy: AccessPolicy, audit: AuditLog, service: str, dimse: str) -> bool:
-    """True (logged and audited) when the caller's peer rule does not allow ``service``."""
+def _refused(event: evt.Event, policy: AccessPolicy, audit: AuditLog, service: str, dimse: str) -> Dataset | None:
+    """The refusal to answer (logged and audited) when the caller's peer rule does not allow ``service``."""
     calling = event.assoc.requestor.ae_title.strip()
     if policy.allows(calling, service):
-        return False
+        return None
     log.warning("%s from %s refused: not authorised to %s", dimse, calling, service)
     audit.record(f"{service}-refused", calling_ae=calling, address=event.assoc.requestor.address, service=dimse)
-    return True
+    status = REFUSED_NOT_AUTHORISED if dimse == "C-MOVE" else UNABLE_TO_PROCESS_NOT_AUTHORISED
+    return refusal(status, calling, service)
 
 
 def _audit_request(event: evt.Event, audit: AuditLog, kind: str, dimse: str, count: int, **extra: object) -> None:
@@ -203,11 +211,11 @@ def handle_find(
 ) -> Iterator[tuple[int, Dataset | None]]:
     """``EVT_C_FIND``: yield ``(PENDING, identifier)`` per match; stop with CANCEL on C-CANCEL.
 
-    A caller not allowed to ``query`` gets 0x0124 (Refused: Not Authorised).
+    A caller not allowed to ``query`` gets 0xC124 (Failed: Unable to process) with an Error Comment.
     """
     try:
-        if _refused(event, policy, audit, "query", "C-FIND"):
-            yield REFUSED_NOT_AUTHORISED, None
+        if (refused := _refused(event, policy, audit, "query", "C-FIND")) is not None:
+            yield refused, None
             return
         query = _parse(event, FIND_MODELS, "C-FIND")
         if isinstance(query, int):
@@ -271,12 +279,12 @@ def _instances(
 
 def _retrieval(
     event: evt.Event, storage: Storage, policy: AccessPolicy, audit: AuditLog, dimse: str, destination: str
-) -> list[InstanceRecord] | int:
-    """:func:`_instances` behind the ``retrieve`` permission, audited."""
-    if _refused(event, policy, audit, "retrieve", dimse):
-        return REFUSED_NOT_AUTHORISED
+) -> list[InstanceRecord] | int | Dataset:
+    """:func:`_instances` behind the ``retrieve`` permission (else the refusal to answer), audited."""
+    if (refused := _refused(event, policy, audit, "retrieve", dimse)) is not None:
+        return refused
     instances = _instances(event, storage, MOVE_MODELS if dimse == "C-MOVE" else GET_MODELS, dimse)
-    if not isinstance(instances, int):
+    if isinstance(instances, list):
         studies = sorted({r.study_instance_uid for r in instances})
         _audit_request(event, audit, "retrieve", dimse, len(instances), destination=destination, studies=studies)
     return instances
@@ -342,7 +350,7 @@ def handle_move(
                 event.assoc.requestor.ae_title.strip(),
                 destination,
             )
-            instances: list[InstanceRecord] | int = MOVE_DESTINATION_UNKNOWN
+            instances: list[InstanceRecord] | int | Dataset = MOVE_DESTINATION_UNKNOWN
         else:
             instances = _retrieval(event, storage, policy, audit, "C-MOVE", destination)
     except Exception:  # the handler must answer, whatever went wrong
@@ -352,7 +360,7 @@ def handle_move(
         yield None, None  # pynetdicom answers MOVE_DESTINATION_UNKNOWN
         return
     handlers = [*NODELAY_HANDLERS, *GUARD_HANDLERS]  # pynetdicom's response race (node.response_guard)
-    if isinstance(instances, int):
+    if not isinstance(instances, list):
         # pynetdicom associates before it takes a status: propose Verification only.
         verification: dict[str, Any] = {"contexts": [build_context(Verification)], "evt_handlers": handlers}
         if peer.tls_args is not None:
@@ -384,7 +392,7 @@ def handle_get(event: evt.Event, storage: Storage, policy: AccessPolicy, audit: 
     except Exception:  # the handler must answer, whatever went wrong
         log.exception("C-GET handling failed")
         instances = UNABLE_TO_PROCESS
-    if isinstance(instances, int):
+    if not isinstance(instances, list):
         yield 1
         yield instances, None
         return

@@ -7,9 +7,11 @@ everything, and answer a DIMSE status; no heavy work runs on an association thre
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from pydicom import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -27,8 +29,9 @@ from pynetdicom.sop_class import (
 
 from node.audit import AuditLog
 from node.network import NODELAY_HANDLERS, PeerAddress
-from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy
+from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy, refusal
 from node.qr import QR_SOP_CLASSES, handle_find, handle_get, handle_move
+from node.tls import make_handshake_handler, peer_certificate_name
 from storage import Storage
 
 log = logging.getLogger(__name__)
@@ -76,12 +79,13 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: evt.Event, sink: InstanceSink, policy: AccessPolicy, audit: AuditLog) -> int:
+def handle_store(event: evt.Event, sink: InstanceSink, policy: AccessPolicy, audit: AuditLog) -> int | Dataset:
     """C-STORE: write the bytes as they came, index them, then answer.
 
     Success is only answered once the instance is on disk and indexed; any failure of
     the sink becomes a failure status, never an exception on the association thread.
-    A caller whose peer rule lacks ``store`` gets 0x0124 (Refused: Not Authorised).
+    A caller whose peer rule lacks ``store`` gets 0x0124 (Refused: Not Authorized) with an
+    Error Comment, and nothing is written.
     """
     try:
         request = event.request
@@ -91,7 +95,7 @@ def handle_store(event: evt.Event, sink: InstanceSink, policy: AccessPolicy, aud
             audit.record(
                 "store-refused", calling_ae=calling, address=event.assoc.requestor.address, reason="not authorised"
             )
-            return REFUSED_NOT_AUTHORISED
+            return refusal(REFUSED_NOT_AUTHORISED, calling, "store")
         encoded = event.encoded_dataset(include_meta=True)
         return sink.store(
             encoded,
@@ -136,19 +140,45 @@ def make_association_check(storage: Storage, policy: AccessPolicy, audit: AuditL
     return on_requested
 
 
+# A-ASSOCIATE-RJ (source, reason) -> what it means, for the audit log (PS3.8 9.3.4)
+_REJECT_REASONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "no reason given (ACSE)",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded (too many associations)",
+}
+
+
 def make_association_audit(audit: AuditLog) -> list:
-    """``EVT_ACCEPTED``/``EVT_REJECTED`` handlers writing the outcome of each association to the audit log."""
+    """``EVT_ACCEPTED``/``EVT_REJECTED`` handlers writing the outcome of each association to the audit log.
+
+    An accepted TLS association also records the subject common name of the caller's
+    certificate (``tls_client``; empty when it showed none).
+    """
 
     def outcome(event: evt.Event) -> None:
         requestor = event.assoc.requestor
         accepted = event.event is evt.EVT_ACCEPTED
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        tls = isinstance(sock, ssl.SSLSocket)
+        reason = None
+        if not accepted:
+            primitive = event.assoc.acceptor.primitive
+            key = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+            reason = _REJECT_REASONS.get(key, "rejected by the association policy")  # type: ignore[arg-type]
         audit.record(
             "association-accepted" if accepted else "association-rejected",
             calling_ae=requestor.ae_title.strip(),
             called_ae=event.assoc.acceptor.ae_title.strip(),
             address=requestor.address,
             port=requestor.port,
-            reason=None if accepted else "refused by the association policy (AE titles or association limit)",
+            tls=tls or None,
+            tls_client=(peer_certificate_name(sock) or "") if tls and accepted else None,
+            reason=reason,
         )
 
     return [(evt.EVT_ACCEPTED, outcome), (evt.EVT_REJECTED, outcome)]
@@ -187,16 +217,20 @@ def server_handlers(
     peers: Mapping[str, PeerAddress],
     policy: AccessPolicy | None = None,
     audit: AuditLog | None = None,
+    tls_handshake_timeout: float = 30.0,
 ) -> list:
     """The event handlers bound when the server starts.
 
     ``storage`` answers queries and holds the files to retrieve; ``peers``
     (AE title -> address) are the only C-MOVE destinations; ``policy`` says who may
     use which service (default: everyone everything); ``audit`` records who did what.
+    On a TLS port the handshake of each connection runs on its own thread, for at most
+    ``tls_handshake_timeout`` seconds (:func:`node.tls.make_handshake_handler`).
     """
     policy = policy or AccessPolicy()
     audit = audit or AuditLog(None)
     return [
+        (evt.EVT_CONN_OPEN, make_handshake_handler(tls_handshake_timeout, audit)),
         *NODELAY_HANDLERS,
         (evt.EVT_REQUESTED, make_association_check(storage, policy, audit)),
         *make_association_audit(audit),

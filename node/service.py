@@ -10,6 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config import AppConfig
@@ -97,18 +98,23 @@ class Node:
     def start(cls, config: AppConfig, load_model: bool = True) -> Node:
         """Open storage (re-queueing work a crash left running), load the model, start serving."""
         node_cfg = config.node
+        # pynetdicom writes Q/R identifiers (patient IDs and names) to its INFO log unless told not to;
+        # they belong in the audit log only
+        pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+        pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+        # certificates first: a TLS file that cannot be used stops the start, naming the file
+        listening_tls = server_context(node_cfg.tls)
+        outgoing_tls = client_context(node_cfg.tls) if any(p.tls for p in config.peers) else None
         storage = Storage.open(config.storage.root, min_free_bytes=node_cfg.min_free_bytes, recover=True)
         predictor = PredictorHolder(config)
         if load_model:
             predictor.load()
         destinations = tuple(p.ae_title for p in config.peers if p.send_results)
-        audit = AuditLog(node_cfg.audit_log or config.storage.root / "audit.jsonl")
+        audit = AuditLog(node_cfg.audit_log or config.storage.root / "audit.jsonl", fsync=node_cfg.audit_fsync)
         policy = AccessPolicy(
             [PeerRule(p.ae_title, p.host, frozenset(p.services), p.check_host) for p in config.peers],
             node_cfg.unlisted_services,
         )
-        listening_tls = server_context(node_cfg)
-        outgoing_tls = client_context(node_cfg) if any(p.tls for p in config.peers) else None
         worker = SegmentationWorker(
             storage,
             predictor,
@@ -149,7 +155,7 @@ class Node:
         server = ae.start_server(
             (node_cfg.host, node_cfg.port),
             block=False,
-            evt_handlers=server_handlers(receiver, storage, peers, policy, audit),
+            evt_handlers=server_handlers(receiver, storage, peers, policy, audit, tls_handshake_timeout=t.acse),
             ssl_context=listening_tls,
         )
         node = cls(config, storage, server, worker, sender, receiver, audit)
