@@ -101,6 +101,7 @@ def test_each_dimse_service_follows_the_callers_peer_rule(
     assert {e["calling_ae"] for e in refusals} == {"QUERYONLY", "RETRIEVER", "NOTAPEER", "STOREONLY"}
 
 
+@pytest.mark.peers
 def test_dcmtk_tools_see_the_refusals(tmp_path: Path, study: tuple[Dataset, Path], stop_later: list) -> None:
     storescu, findscu, movescu = require_tool("storescu"), require_tool("findscu"), require_tool("movescu")
     pacs = StandInPacs(tmp_path / "pacs")

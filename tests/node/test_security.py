@@ -27,6 +27,7 @@ def stop_later() -> Iterator[list]:
         item.stop()
 
 
+@pytest.mark.peers
 def test_low_disk_rejects_new_associations_transiently(tmp_path: Path, stop_later: list) -> None:
     echoscu = require_tool("echoscu")
     node = Node.start(node_config(tmp_path / "node"), load_model=False)

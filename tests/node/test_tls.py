@@ -24,10 +24,12 @@ from config import ConfigError, load_config
 from config.schema import PeerSection, TlsSection
 from node.audit import read_audit
 from node.cli import main as spect_node
+from node.network import PeerAddress
 from node.nm_writer import nifti_to_nm
+from node.scu import send_datasets
 from node.service import Node
 from node.standin_pacs import PACS_AE, StandInPacs
-from node.tls import TlsConfigError, server_context
+from node.tls import TlsConfigError, client_context, server_context
 
 pytestmark = pytest.mark.peers
 
@@ -210,6 +212,21 @@ def test_seg_is_sent_to_a_tls_peer(tmp_path: Path, pki: Pki, study: tuple[Datase
     sent = wait_for_event(tmp_path / "node" / "audit.jsonl", "seg-sent")
     assert sent[0]["destination"] == f"{PACS_AE}@127.0.0.1:{pacs.port}"
     assert sent[0]["seg_sop_instance_uid"] in pacs.received
+
+
+def test_the_node_refuses_a_tls_peer_it_cannot_verify(
+    tmp_path: Path, pki: Pki, study: tuple[Dataset, Path], stop_later: list
+) -> None:
+    impostor_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    impostor_context.load_cert_chain(str(pki.rogue_cert), str(pki.rogue_key))  # not from the node's CA
+    impostor = StandInPacs(tmp_path / "impostor", ssl_context=impostor_context)
+    stop_later.append(impostor)
+    identity = TlsSection(certificate=pki.client_cert, private_key=pki.client_key, ca_certificates=pki.ca)
+    peer = PeerAddress(PACS_AE, "127.0.0.1", impostor.port)
+    ds, _ = study
+    outcome = send_datasets([ds], peer, NODE_AE, tls_args=(client_context(identity), "127.0.0.1"))
+    assert outcome.error is not None and not outcome.statuses
+    assert impostor.received == {}
 
 
 def test_c_move_to_a_dcmtk_tls_storescp(
