@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 
 SERVICES = ("store", "query", "retrieve")
 
-# Refused: Not Authorized (PS3.7 C.5.x), one of the general statuses of C-STORE (PS3.7 9.1.1.1.9)
-# and C-MOVE (9.1.4.1.7). C-FIND (9.1.2.1.6) and C-GET (9.1.3.1.6) do not list it: their
-# refusal is a "Failed: Unable to process" status (Cxxx, PS3.4 C.4.1.1.4 and C.4.3.1.4),
-# 0xC124 here. Every refusal carries an Error Comment naming the missing permission.
+# Refused: Not Authorized (0124H) is a status of C-STORE, C-GET and C-MOVE (PS3.7 9.1.1.1.9,
+# 9.1.3.1.6, 9.1.4.1.7) but not of C-FIND (9.1.2.1.6), whose refusal is therefore a
+# "Failed: Unable to process" status (Cxxx, PS3.4 C.4.1.1.4): 0xC124 here. Every refusal
+# carries an Error Comment naming the missing permission.
 REFUSED_NOT_AUTHORISED = 0x0124
 UNABLE_TO_PROCESS_NOT_AUTHORISED = 0xC124
 

@@ -14,9 +14,9 @@ sub-association, because pynetdicom asks for the destination and the number of
 sub-operations, and associates, before it takes a status.
 
 A caller whose peer rule lacks ``query`` or ``retrieve`` (:mod:`node.policy`) is
-refused with an Error Comment: C-MOVE with 0x0124 (Refused: Not Authorized),
-C-FIND and C-GET with 0xC124 (Failed: Unable to process), as PS3.7 lists "Not
-Authorized" among the C-MOVE statuses but not among those of C-FIND and C-GET.
+refused with an Error Comment: C-MOVE and C-GET with 0x0124 (Refused: Not
+Authorized), C-FIND with 0xC124 (Failed: Unable to process), as PS3.7 lists "Not
+Authorized" among the C-MOVE and C-GET statuses but not among those of C-FIND.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _refused(event: evt.Event, policy: AccessPolicy, audit: AuditLog, service: s
         return None
     log.warning("%s from %s refused: not authorised to %s", dimse, calling, service)
     audit.record(f"{service}-refused", calling_ae=calling, address=event.assoc.requestor.address, service=dimse)
-    status = REFUSED_NOT_AUTHORISED if dimse == "C-MOVE" else UNABLE_TO_PROCESS_NOT_AUTHORISED
+    status = UNABLE_TO_PROCESS_NOT_AUTHORISED if dimse == "C-FIND" else REFUSED_NOT_AUTHORISED
     return refusal(status, calling, service)
 
 

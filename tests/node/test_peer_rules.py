@@ -81,12 +81,12 @@ def test_each_dimse_service_follows_the_callers_peer_rule(
             f"{caller} is not authorised to query",
         )
 
-    # C-GET: 0xC124 and nothing sent; C-MOVE: 0x0124 and nothing sent
+    # C-GET and C-MOVE: 0x0124, and nothing sent
     final, received = c_get(node.port, "RETRIEVER", study_uid)
     assert (final.Status, received) == (SUCCESS, [str(ds.SOPInstanceUID)])
     final, received = c_get(node.port, "QUERYONLY", study_uid)
     assert (final.Status, final.ErrorComment, received) == (
-        UNABLE_TO_PROCESS_NOT_AUTHORISED,
+        REFUSED_NOT_AUTHORISED,
         "QUERYONLY is not authorised to retrieve",
         [],
     )
