@@ -11,7 +11,8 @@ the presentation contexts of the instances to send, the TCP_NODELAY handler and,
 for a peer reached over TLS, its ``tls_args``. A retrieve that is refused (bad
 identifier, caller not authorised) still opens (and at once releases) that
 sub-association, because pynetdicom asks for the destination and the number of
-sub-operations, and associates, before it takes a status.
+sub-operations, and associates, before it takes a status (so a refused caller whose
+destination is unreachable gets 0xA801 instead of the refusal).
 
 A caller whose peer rule lacks ``query`` or ``retrieve`` (:mod:`node.policy`) is
 refused with an Error Comment: C-MOVE and C-GET with 0x0124 (Refused: Not
