@@ -32,6 +32,7 @@ from node.nm_reader import (
     check_declared_shape,
     check_orientation,
     check_recon_tomo,
+    check_series_member,
     finite_floats,
     instance_label,
     integer_attribute,
@@ -174,13 +175,7 @@ def _read_single_frame_series(datasets: Sequence[Dataset]) -> ConvertedSeries:
                 raise UnsupportedSeriesError("multi-frame instances of this SOP class are not supported")
             if not _has_plane_geometry(ds):
                 raise ValueError("no ImagePositionPatient/ImageOrientationPatient")
-            if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
-                raise ValueError("datasets belong to more than one series")
-            ds_matrix = (integer_attribute(ds, "Rows"), integer_attribute(ds, "Columns"))
-            if ds_matrix != matrix:
-                raise ValueError(
-                    f"inconsistent matrix: {ds_matrix[0]}x{ds_matrix[1]} vs {matrix[0]}x{matrix[1]} (rows x columns)"
-                )
+            check_series_member(ds, first, matrix)
             if ds.get("PixelSpacing") in (None, ""):
                 raise ValueError("no PixelSpacing (0028,0030)")
             spacing = finite_floats(ds.PixelSpacing, "PixelSpacing (0028,0030)", 2)

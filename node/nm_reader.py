@@ -570,6 +570,17 @@ def sort_along_normal(
     return order, step
 
 
+def check_series_member(ds: Dataset, first: Dataset, matrix: tuple[int, int]) -> None:
+    """``ValueError`` unless ``ds`` is of ``first``'s series and has its ``(rows, columns)`` matrix."""
+    if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
+        raise ValueError("datasets belong to more than one series")
+    ds_matrix = (integer_attribute(ds, "Rows"), integer_attribute(ds, "Columns"))
+    if ds_matrix != matrix:
+        raise ValueError(
+            f"inconsistent matrix: {ds_matrix[0]}x{ds_matrix[1]} vs {matrix[0]}x{matrix[1]} (rows x columns)"
+        )
+
+
 def read_nm_series(datasets: Sequence[Dataset]) -> NMVolume:
     """Convert a one-slice-per-file NM RECON TOMO series into a NIfTI volume.
 
@@ -611,13 +622,7 @@ def _read_nm_series(datasets: Sequence[Dataset]) -> NMVolume:
             check_recon_tomo(ds)
             if integer_attribute(ds, "NumberOfFrames", default=1) != 1:
                 raise ValueError("read_nm_series takes one-frame files; use read_nm_multiframe for multi-frame NM")
-            if ds.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
-                raise ValueError("datasets belong to more than one series")
-            ds_matrix = (integer_attribute(ds, "Rows"), integer_attribute(ds, "Columns"))
-            if ds_matrix != matrix:
-                raise ValueError(
-                    f"inconsistent matrix: {ds_matrix[0]}x{ds_matrix[1]} vs {matrix[0]}x{matrix[1]} (rows x columns)"
-                )
+            check_series_member(ds, first, matrix)
             geometry = nm_frame_geometry(ds)
             if geometries:
                 reference = geometries[0]

@@ -6,7 +6,7 @@ import io
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -120,3 +120,12 @@ def dciodvfy(tmp_path: Path) -> Callable[[bytes], tuple[list[str], list[str]]]:
         return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warn")]
 
     return run
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list]:
+    """Things with a ``stop()`` (nodes, stand-in PACS) the test appends; stopped last-in first-out."""
+    started: list = []
+    yield started
+    for item in reversed(started):
+        item.stop()

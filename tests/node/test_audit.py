@@ -6,7 +6,6 @@ import json
 import logging
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from node.service import Node
 from node.standin_pacs import PACS_AE, StandInPacs
 
 PATIENT_ID, PATIENT_NAME = "PID-SECRET-7731", "Audit^Secretname"
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list]:
-    started: list = []
-    yield started
-    for item in reversed(started):
-        item.stop()
 
 
 def _by_kind(path: Path) -> dict[str, list[dict]]:

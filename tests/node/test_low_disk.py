@@ -112,14 +112,6 @@ def test_low_disk_refuses_storescu_and_open_associations_then_recovers(
         assert record is not None and node.storage.layout.resolve(record.path).is_file()
 
 
-@pytest.fixture
-def stop_later() -> Iterator[list]:
-    started: list = []
-    yield started
-    for item in reversed(started):
-        item.stop()
-
-
 @pytest.mark.peers
 def test_low_disk_rejects_new_associations_transiently(tmp_path: Path, stop_later: list) -> None:
     echoscu = require_tool("echoscu")

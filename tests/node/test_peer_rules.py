@@ -9,7 +9,6 @@ DCMTK ``storescu``/``findscu``/``movescu``.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
     path = tmp_path_factory.mktemp("study") / "nm.dcm"
     ds.save_as(path, enforce_file_format=True)
     return ds, path
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list]:
-    started: list = []
-    yield started
-    for item in reversed(started):
-        item.stop()
 
 
 def _peer(ae_title: str, services: list[str], host: str = "127.0.0.1", check_host: bool = False) -> PeerSection:

@@ -11,7 +11,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,14 +45,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
     path = tmp_path_factory.mktemp("study") / "nm.dcm"
     ds.save_as(path, enforce_file_format=True)
     return ds, path
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list]:
-    started: list = []
-    yield started
-    for item in reversed(started):
-        item.stop()
 
 
 def _listening(pki: Pki, require_client: bool = True) -> list[str]:
