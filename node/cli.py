@@ -187,6 +187,7 @@ def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig, tls: bool
 def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, include_failed: bool) -> int:
     from tqdm import tqdm
 
+    from node.audit import AuditLog
     from storage import Storage
     from storage.retention import StudySummary, check_period_days, purge
 
@@ -200,7 +201,16 @@ def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, incl
     def bar(studies: list[StudySummary]) -> tqdm:
         return tqdm(studies, desc="purge", unit="study", disable=len(studies) < 20, file=sys.stderr)
 
+    audit = AuditLog(None if dry_run else (config.node.audit_log or Path(config.storage.root) / "audit.jsonl"))
+
     def show(study: StudySummary, _dry_run: bool) -> None:
+        audit.record(
+            "study-purged",
+            study_instance_uid=study.study_instance_uid,
+            patient_id=study.patient_id,
+            instances=study.n_instances,
+            retention_days=days,
+        )
         tqdm.write(
             f"{verb} study {study.study_instance_uid} (patient {study.patient_id or '-'}, {study.n_instances} "
             f"instance(s), {study.size_bytes / 1e6:.1f} MB, last received {_when(study.last_received_at)})"
@@ -208,6 +218,7 @@ def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, incl
 
     with Storage.open(config.storage.root) as storage:
         report = purge(storage, period_s, dry_run=dry_run, include_failed=include_failed, on_study=show, studies=bar)
+    audit.close()
     for held in report.held:
         print(f"kept study {held.study.study_instance_uid}: {held.reason}")
     n_removed = len(report.removed)

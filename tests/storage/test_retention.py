@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from studies import node_config
 
+from node.audit import read_audit
 from node.cli import main as spect_node
 from node.nm_writer import dataset_to_bytes
 from node.service import Node
@@ -310,6 +311,8 @@ def test_cli_purge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "purge: removed 2 studies (6 instance(s)" in out and "(0.5 days); kept 1" in out
     with Storage.open(root) as storage:
         assert counts(storage)["instances"] == 3
+    purged = [e for e in read_audit(root / "audit.jsonl") if e["event"] == "study-purged"]
+    assert sorted(e["study_instance_uid"] for e in purged) == sorted([old, recent])  # the dry run audited nothing
 
     code, out, _ = _cli(capsys, "--config", str(config))
     assert code == 0 and "removed 0 studies" in out
