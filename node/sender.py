@@ -102,7 +102,7 @@ class ResultSender:
             seg_sop_instance_uid=result.seg_sop_instance_uid,
             study_instance_uid=result.study_instance_uid,
             attempt=record.attempts,
-            state=str(record.state.value) if hasattr(record.state, "value") else str(record.state),
+            state=str(record.state),
             error=error,
         )
         if error is None:

@@ -144,7 +144,7 @@ class SegmentationWorker:
         self.audit.record(
             "job-result",
             job_id=job.id,
-            state=None if final is None else str(final.state.value),
+            state=None if final is None else str(final.state),
             reason=None if final is None else final.reason,
             patient_id=None if first is None else first.patient_id,
             study_instance_uid=None if first is None else first.study_instance_uid,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +11,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from peers import require_tool
 from pydicom import Dataset
+
+from node.standin_pacs import StandInPacs
 
 SHAPE = (32, 28, 24)  # (columns, rows, slices): non-square on purpose, so i/j mix-ups show
 VOXEL_MM = (4.0, 4.5, 5.0)
@@ -105,11 +106,7 @@ def dciodvfy(tmp_path: Path) -> Callable[[bytes], tuple[list[str], list[str]]]:
 
     Skips when dciodvfy is not installed, unless the environment variable CI is set.
     """
-    executable = shutil.which("dciodvfy")
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy (dicom3tools) is required when CI is set")
-        pytest.skip("dciodvfy (dicom3tools) not installed")
+    executable = require_tool("dciodvfy")
     counter = iter(range(1_000_000))
 
     def run(data: bytes) -> tuple[list[str], list[str]]:
@@ -129,3 +126,11 @@ def stop_later() -> Iterator[list]:
     yield started
     for item in reversed(started):
         item.stop()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
+    """A stand-in PACS (storage SCP) on a free port, stopped after the test."""
+    server = StandInPacs(tmp_path / "pacs")
+    yield server
+    server.stop()

@@ -13,10 +13,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import resource
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -25,10 +23,10 @@ from pathlib import Path
 
 import pynetdicom
 import pytest
+from peers import require_tool
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (
@@ -37,7 +35,7 @@ from pynetdicom.sop_class import (
     NuclearMedicineImageStorage,
     Verification,
 )
-from studies import WEIGHTS, node_config, spect_like_volume
+from studies import WEIGHTS, node_config, part10_bytes, spect_like_volume
 
 from config.schema import PeerSection
 from node.network import PeerAddress
@@ -54,16 +52,6 @@ ALLOWED = ["TESTSCU", "STORESCU", "ECHOSCU"]
 CANNOT_UNDERSTAND = 0xC210
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.SKIPPED)
-
-
-def require_tool(name: str) -> str:
-    """Path of a DCMTK binary; a missing peer fails under CI and skips elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required under CI (apt-get install dcmtk)")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +99,8 @@ def _raw_file(folder: Path, body: bytes, sop_class_uid: str, sop_instance_uid: s
     The file meta gives the C-STORE request its SOP Class and Instance UIDs; the
     bytes after it go onto the wire unparsed, whatever they are.
     """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    buffer.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
     path = folder / f"{sop_instance_uid}-{time.monotonic_ns()}.dcm"
-    path.write_bytes(buffer.getvalue() + body)
+    path.write_bytes(part10_bytes(body, sop_class_uid, sop_instance_uid))
     return path
 
 

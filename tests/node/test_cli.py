@@ -21,13 +21,6 @@ from node.standin_pacs import PACS_AE, StandInPacs
 
 
 @pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
-    server = StandInPacs(tmp_path / "pacs")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def node(tmp_path: Path, pacs: StandInPacs) -> Iterator[Node]:
     peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port)]
     running = Node.start(

@@ -38,14 +38,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset, dcmread, dcmwrite
 from pydicom.dataelem import DataElement
-from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from studies import node_config
+from studies import node_config, part10_bytes
 
 from node.convert import series_to_nifti
 from node.errors import InvalidSeriesError, UnsupportedSeriesError
@@ -385,14 +384,7 @@ def implicit_body(ds: Dataset) -> bytes:
 
 def received_bytes(body: bytes, sop_instance_uid: str, transfer_syntax_uid: str = ExplicitVRLittleEndian) -> bytes:
     """What pynetdicom hands the C-STORE handler: preamble, file meta built from the request, the data set."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = NM_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax_uid
-    buffer = io.BytesIO()
-    buffer.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue() + body
+    return part10_bytes(body, NM_IMAGE_STORAGE, sop_instance_uid, transfer_syntax_uid)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dicom_client import associate, c_store, require_tool
+from dicom_client import associate, c_store
+from peers import require_tool
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import NuclearMedicineImageStorage
@@ -30,22 +30,6 @@ from node.standin_pacs import PACS_AE, StandInPacs
 
 NODE_AE = "SPECTNODE"
 NEARLY_FULL = 10**18  # bytes to keep free: more than any disk has
-
-
-def _storescu() -> str:
-    path = shutil.which("storescu")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("storescu (dcmtk) is required under CI")
-        pytest.skip("storescu (dcmtk) not installed")
-    return path
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
-    server = StandInPacs(tmp_path / "pacs")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -67,7 +51,7 @@ def _study(tmp_path: Path, name: str):
 
 def _run_storescu(port: int, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_storescu(), "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(port), str(path)],
+        [require_tool("storescu"), "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(port), str(path)],
         capture_output=True,
         text=True,
         env={**os.environ, "TCP_NODELAY": "1"},

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,13 +80,6 @@ class HeldPacs(StandInPacs):
         status = super()._on_store(event)
         self.release.wait(60)
         return status
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
-    server = StandInPacs(tmp_path / "pacs")
-    yield server
-    server.stop()
 
 
 @pytest.mark.slow

@@ -7,24 +7,17 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_process import NodeProcess, require_tool, wait_until
+from node_process import NodeProcess, wait_until
+from peers import require_tool
 from pydicom import dcmread
 from studies import spect_like_volume
 
 from node.nm_writer import dataset_to_bytes, nifti_to_nm
 from node.standin_pacs import StandInPacs
 from storage import JobState
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
-    server = StandInPacs(tmp_path / "pacs")
-    yield server
-    server.stop()
 
 
 def _write_study(tmp: Path, name: str) -> tuple[Path, str]:

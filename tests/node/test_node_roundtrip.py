@@ -24,13 +24,6 @@ from storage import JobState
 
 
 @pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
-    server = StandInPacs(tmp_path / "pacs")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def node(tmp_path: Path, pacs: StandInPacs) -> Iterator[Node]:
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from orthanc import ORTHANC_AE, Modality, OrthancServer, require_orthanc
+from peers import require_tool
 from pydicom import Dataset, dcmread
 from studies import WEIGHTS, free_port, node_config, spect_like_volume
 
@@ -65,18 +65,9 @@ class Loop:
         return dcmread(io.BytesIO(self.orthanc.instance_file(instance)))
 
 
-def _dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"DCMTK {tool} is required when CI is set")
-        pytest.skip(f"DCMTK {tool} not installed")
-    return path
-
-
 def _run(tool: str, called_ae: str, port: int, *args: str, cwd: Path) -> str:
     """Run a DCMTK tool as ``QRSCU`` against ``called_ae`` on 127.0.0.1 (Nagle off); return its verbose output."""
-    command = [_dcmtk(tool), "-v", "-aet", QR_AE, "-aec", called_ae, *args, "127.0.0.1", str(port)]
+    command = [require_tool(tool), "-v", "-aet", QR_AE, "-aec", called_ae, *args, "127.0.0.1", str(port)]
     env = {**os.environ, "TCP_NODELAY": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd, env=env, check=False)
     return done.stdout + done.stderr
@@ -93,7 +84,7 @@ def _seg_series(orthanc: OrthancServer, study_uid: str, timeout: float) -> list[
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     executable = require_orthanc()
-    _dcmtk("movescu")
+    require_tool("movescu")
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
     root = tmp_path_factory.mktemp("pacs")

@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dicom_client import NODE_AE, associate, c_find, c_get, c_move, c_store, require_tool
+from dicom_client import NODE_AE, associate, c_find, c_get, c_move, c_store
+from peers import require_tool
 from pydicom import Dataset
 from studies import node_config, spect_like_volume
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from peers import require_tool
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role, evt
@@ -102,18 +102,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 # ----------------------------------------------------------------------------- DCMTK
 
 
-def _dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"DCMTK {tool} is required when CI is set")
-        pytest.skip(f"DCMTK {tool} not installed")
-    return path
-
-
 def _run(tool: str, node: Node, *args: str, cwd: Path) -> str:
     """Run a DCMTK tool against the node (Nagle off); return its verbose output."""
-    command = [_dcmtk(tool), "-v", "-aec", NODE_AE, *args, "127.0.0.1", str(node.port)]
+    command = [require_tool(tool), "-v", "-aec", NODE_AE, *args, "127.0.0.1", str(node.port)]
     env = {**os.environ, "TCP_NODELAY": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd, env=env, check=False)
     return done.stdout + done.stderr

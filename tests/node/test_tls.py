@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dicom_client import NODE_AE, associate, c_store, require_tool, tls_client_context, wait_for_event
+from dicom_client import NODE_AE, associate, c_store, tls_client_context, wait_for_event
+from peers import require_tool
 from pki import Pki, make_pki
 from pydicom import Dataset
 from studies import WEIGHTS, free_port, node_config, spect_like_volume

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pki import Pki
 from pydicom import Dataset
 from pynetdicom import AE, build_role, evt
@@ -27,16 +24,6 @@ from pynetdicom.sop_class import (
 from node.audit import read_audit
 
 NODE_AE = "SPECTNODE"
-
-
-def require_tool(name: str) -> str:
-    """The path of a DCMTK (or openssl) tool; a missing one fails under CI and skips elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed; CI must have the real peers (make peers)")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def tls_client_context(pki: Pki, with_certificate: bool = True) -> ssl.SSLContext:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,16 +16,6 @@ from studies import WEIGHTS, free_port
 
 from node.standin_pacs import PACS_AE
 from storage import Index
-
-
-def require_tool(name: str) -> str:
-    """Path of a DCMTK/dicom3tools binary; a missing peer fails under CI and skips elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required under CI (apt-get install dcmtk dicom3tools)")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 class NodeProcess:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import io
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
 
 from config import AppConfig, load_config
 from config.schema import PeerSection
@@ -58,3 +62,20 @@ def node_config(root: Path, *overrides: str, peers: Sequence[PeerSection] = ()) 
     )
     config.peers = list(peers)
     return config
+
+
+def part10_bytes(
+    body: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str = ExplicitVRLittleEndian
+) -> bytes:
+    """Preamble, file meta naming the SOP Class/Instance UIDs and transfer syntax, then ``body`` verbatim.
+
+    This is what pynetdicom hands a C-STORE handler, and a file whose data set goes on the wire unparsed.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    buffer = io.BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue() + body
