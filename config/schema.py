@@ -95,6 +95,7 @@ class TrainSection(Section):
     augment: bool = True
     full_view_fraction: float = Field(0.3, ge=0, le=1)
     box_jitter_mm: float = Field(20.0, ge=0)
+    soft_labels: bool = False
     max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(1, ge=1)
     calibrate_threshold: bool = True

@@ -25,23 +25,25 @@ import nibabel as nib
 import numpy as np
 from pydicom import Dataset
 
+from node.dicom_values import (
+    check_declared_shape,
+    finite_floats,
+    instance_label,
+    integer_attribute,
+    problems_in,
+    series_label,
+)
 from node.errors import InvalidSeriesError, UnsupportedSeriesError
 from node.nm_reader import (
     NM_IMAGE_STORAGE,
     SliceReference,
-    check_declared_shape,
     check_orientation,
     check_recon_tomo,
     check_series_member,
-    finite_floats,
-    instance_label,
-    integer_attribute,
     make_nifti,
-    problems_in,
     ras_affine,
     read_nm_multiframe,
     read_nm_series,
-    series_label,
     sort_along_normal,
     stored_frames,
     to_real_world,
@@ -156,7 +158,7 @@ def read_single_frame_series(datasets: Sequence[Dataset]) -> ConvertedSeries:
         Multi-frame instances.
     InvalidSeriesError
         Missing or inconsistent geometry, mixed series, uneven spacing, a declared
-        volume outside :func:`~node.nm_reader.check_declared_shape`, unsupported or
+        volume outside :func:`~node.dicom_values.check_declared_shape`, unsupported or
         short pixel data; the message names the series or instance.
     """
     if not datasets:

@@ -15,23 +15,31 @@ input the node does not process and :class:`~node.errors.InvalidSeriesError` (a
 ``ValueError``) for anything malformed, naming the problem and the instance or
 series; nothing else escapes them, whatever the dataset holds. Declared sizes are
 checked before any pixel is decoded, so a header announcing a huge volume costs
-nothing (:data:`MAX_VOXELS`).
+nothing (:data:`node.dicom_values.MAX_VOXELS`); the value helpers live in :mod:`node.dicom_values`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 
+from node.dicom_values import (
+    BITS_ALLOCATED,
+    MAX_VOXELS,
+    as_list,
+    check_declared_shape,
+    finite_floats,
+    instance_label,
+    integer_attribute,
+    problems_in,
+    series_label,
+    shown,
+)
 from node.errors import InvalidSeriesError, UnsupportedSeriesError
 
 logger = logging.getLogger(__name__)
@@ -40,138 +48,6 @@ NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 SLICE_VECTOR_TAG = 0x00540080
 TIME_SLOT_VECTOR_TAG = 0x00540070
 _ORTHOGONALITY_TOLERANCE = 1e-3
-
-MAX_VOXELS = 512**3
-"""Largest volume the readers convert (columns x rows x slices): 0.5 GiB as float32."""
-MIN_VOXELS_PER_AXIS = 8
-"""Smallest extent along each axis of a volume worth segmenting (a 1x1x1 "volume" is refused)."""
-BITS_ALLOCATED = (8, 16, 32)
-"""Supported BitsAllocated values (native grey-scale pixels)."""
-
-# What decoding an arbitrary dataset can raise (pydicom value conversion, numpy, pixel handlers).
-_DECODING_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    AttributeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    ZeroDivisionError,
-    NotImplementedError,
-    RuntimeError,
-    struct.error,
-    InvalidDicomError,
-)
-
-
-@contextmanager
-def problems_in(subject: str) -> Iterator[None]:
-    """Raise any decoding error of the block as :class:`InvalidSeriesError` naming ``subject``.
-
-    Parameters
-    ----------
-    subject
-        What is being read, e.g. ``"NM instance 1.2.3"``; prefixes the message.
-
-    Raises
-    ------
-    InvalidSeriesError
-        For any ``ValueError``, ``TypeError``, ``AttributeError``, ``KeyError``,
-        ``IndexError``, ``OverflowError``, ``NotImplementedError``, ``RuntimeError``,
-        ``struct.error`` or pydicom ``InvalidDicomError`` raised in the block. An
-        :class:`InvalidSeriesError` or :class:`UnsupportedSeriesError` from an inner
-        block passes unchanged.
-    """
-    try:
-        yield
-    except (InvalidSeriesError, UnsupportedSeriesError):
-        raise
-    except _DECODING_ERRORS as exc:
-        raise InvalidSeriesError(f"{subject}: {exc}") from exc
-
-
-def instance_label(ds: Dataset) -> str:
-    """``"<SOP Instance UID>"`` of ``ds`` for messages, ``"?"`` when it cannot be read."""
-    try:
-        return str(ds.get("SOPInstanceUID") or "?")
-    except _DECODING_ERRORS:
-        return "?"
-
-
-def series_label(ds: Dataset) -> str:
-    """``"<Series Instance UID>"`` of ``ds`` for messages, ``"?"`` when it cannot be read."""
-    try:
-        return str(ds.get("SeriesInstanceUID") or "?")
-    except _DECODING_ERRORS:
-        return "?"
-
-
-def shown(value: object, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages about untrusted values."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def integer_attribute(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    """The integer value of ``keyword`` (``default`` when absent or empty).
-
-    Raises
-    ------
-    ValueError
-        Absent without a default, or not a single integer.
-    """
-    value = ds.get(keyword)
-    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
-        if default is None:
-            raise ValueError(f"{keyword} is missing")
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{keyword} {shown(value)} is not a single integer") from None
-
-
-def finite_floats(value: object, name: str, count: int | None = None) -> tuple[float, ...]:
-    """A DICOM numeric value (VM >= 1) as finite floats, optionally exactly ``count`` of them.
-
-    Raises
-    ------
-    ValueError
-        Non-numeric, non-finite, or the wrong number of values; the message names ``name``.
-    """
-    try:
-        values = tuple(float(v) for v in _as_list(value))
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {shown(value)} is not numeric") from None
-    if count is not None and len(values) != count:
-        raise ValueError(f"{name} must hold {count} values, got {len(values)}")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{name} {shown(list(values))} is not finite")
-    return values
-
-
-def check_declared_shape(columns: int, rows: int, slices: int) -> None:
-    """Refuse a declared volume that is too small to segment or too large to convert.
-
-    Called before any pixel is decoded, so a header announcing 1024x1024x1024 voxels
-    allocates nothing.
-
-    Raises
-    ------
-    ValueError
-        Any extent below :data:`MIN_VOXELS_PER_AXIS` or more than :data:`MAX_VOXELS` voxels.
-    """
-    shape = f"{columns}x{rows}x{slices}"
-    if min(columns, rows, slices) < MIN_VOXELS_PER_AXIS:
-        raise ValueError(
-            f"declared volume {shape} (columns x rows x slices) is too small to segment: "
-            f"at least {MIN_VOXELS_PER_AXIS} voxels along each axis are needed"
-        )
-    if columns * rows * slices > MAX_VOXELS:
-        raise ValueError(
-            f"declared volume {shape} ({columns * rows * slices} voxels) is larger than the "
-            f"{MAX_VOXELS} voxels the node converts"
-        )
 
 
 @dataclass(frozen=True)
@@ -254,15 +130,6 @@ class NMFrameGeometry:
         return np.cross(self.row_cosine, self.column_cosine)
 
 
-def _as_list(value: object) -> list:
-    """A DICOM value with VM >= 1 as a list (pydicom returns a scalar for VM 1)."""
-    if value is None:
-        return []
-    if isinstance(value, (str, bytes, int, float)):
-        return [value]
-    return list(value)  # type: ignore[call-overload]
-
-
 def check_orientation(orientation: Sequence[float]) -> None:
     """Raise ValueError unless ``orientation`` holds two orthogonal unit vectors."""
     values = np.asarray(orientation, dtype=np.float64)
@@ -324,8 +191,8 @@ def make_nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 
 def check_recon_tomo(ds: Dataset) -> None:
     """Raise :class:`UnsupportedSeriesError` unless ``ds`` is a non-gated NM reconstruction."""
-    image_type = [str(v).strip().upper() for v in _as_list(ds.get("ImageType"))]
-    increments = [int(t) for t in _as_list(ds.get("FrameIncrementPointer"))]
+    image_type = [str(v).strip().upper() for v in as_list(ds.get("ImageType"))]
+    increments = [int(t) for t in as_list(ds.get("FrameIncrementPointer"))]
     if (len(image_type) > 2 and "GATED" in image_type[2]) or TIME_SLOT_VECTOR_TAG in increments:
         raise UnsupportedSeriesError("gated SPECT (RECON GATED TOMO) is not supported yet")
     if len(image_type) > 2:
@@ -372,7 +239,7 @@ def nm_frame_geometry(ds: Dataset) -> NMFrameGeometry:
         raise ValueError("NM image has no DetectorInformationSequence: no geometry")
     detector = detectors[0]
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
-        if detector.get(keyword) in (None, "") or len(_as_list(detector.get(keyword))) == 0:
+        if detector.get(keyword) in (None, "") or len(as_list(detector.get(keyword))) == 0:
             raise ValueError(f"DetectorInformationSequence[0] has no {keyword}: no geometry")
     position = np.asarray(
         finite_floats(detector.ImagePositionPatient, "DetectorInformationSequence[0].ImagePositionPatient", 3),
@@ -392,7 +259,7 @@ def nm_frame_geometry(ds: Dataset) -> NMFrameGeometry:
     if number_of_frames < 1:
         raise ValueError(f"NumberOfFrames {number_of_frames} is not positive")
     try:
-        slice_vector = [int(v) for v in _as_list(ds.get("SliceVector"))]
+        slice_vector = [int(v) for v in as_list(ds.get("SliceVector"))]
     except (TypeError, ValueError):
         raise ValueError(f"SliceVector (0054,0080) {shown(ds.get('SliceVector'))} is not a list of integers") from None
     if not slice_vector:

@@ -1,7 +1,8 @@
 """Training-time augmentation on the model grid.
 
 Pure functions of (image, label, rng): the image is float32 ``(I, J, K)`` in [0, 1],
-the label uint8 ``(I, J, K)``; both come back with the same shape and dtype.
+the label ``(I, J, K)`` uint8 0/1 or float32 fractions (soft labels); both come back
+with the same shape and dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def random_affine(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Small rotation about the volume centre, isotropic scaling and a shift.
 
-    The image is interpolated linearly, the label by nearest neighbour.
+    The image is interpolated linearly, a uint8 label by nearest neighbour, a float (soft) label linearly.
     """
     angles = rng.uniform(-settings.max_rotation_deg, settings.max_rotation_deg, size=3)
     scale = rng.uniform(*settings.scale_range)
@@ -41,8 +42,9 @@ def random_affine(
     shift = rng.uniform(-settings.max_shift_voxels, settings.max_shift_voxels, size=3)
     offset = centre - matrix @ centre + shift
     warped = ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="constant", cval=0.0)
-    warped_label = ndimage.affine_transform(label, matrix, offset=offset, order=0, mode="constant", cval=0)
-    return warped.astype(np.float32), warped_label.astype(np.uint8)
+    order = 1 if label.dtype.kind == "f" else 0
+    warped_label = ndimage.affine_transform(label, matrix, offset=offset, order=order, mode="constant", cval=0)
+    return warped.astype(np.float32), warped_label.astype(label.dtype)
 
 
 def random_intensity(image: np.ndarray, rng: np.random.Generator, settings: AugmentSettings) -> np.ndarray:

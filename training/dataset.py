@@ -46,11 +46,13 @@ class PreparedCase:
     Attributes
     ----------
     image, label
-        The whole field of view on the model grid: float32 in [0, 1] and uint8, ``target_shape``.
+        The whole field of view on the model grid: float32 in [0, 1] and the label,
+        ``target_shape``: uint8 0/1, or float32 partial-volume fractions in [0, 1] with
+        soft labels.
     box_image, box_label
         Two-pass models only: a heart-centred box at ``crop_spacing_mm`` voxels, larger than
         ``target_shape`` by ``margin`` voxels on each side (so training windows can be
-        jittered around the heart); float32 *unnormalised* and uint8.
+        jittered around the heart); float32 *unnormalised*, and the label as above.
     margin
         Voxels of context on each side of the box.
     """
@@ -78,8 +80,15 @@ class PreparedCase:
         return self.box_window((self.margin,) * 3, settings)  # type: ignore[arg-type]
 
 
-def prepare_case(case: Case, settings: PreprocessSettings, box_margin: int = 0) -> PreparedCase:
-    """Load one case and bring it to the model grid (and the heart box for two-pass models)."""
+def prepare_case(
+    case: Case, settings: PreprocessSettings, box_margin: int = 0, soft_labels: bool = False
+) -> PreparedCase:
+    """Load one case and bring it to the model grid (and the heart box for two-pass models).
+
+    The mask goes to the model grid by nearest neighbour (uint8 0/1) or, with
+    ``soft_labels``, by linear interpolation (float32 fractions): the target the
+    model's probability map is compared with after it is interpolated back.
+    """
     if case.mask is None:
         raise CaseLoadError(f"{case.volume}: no mask; cases without a mask are not used for training")
     volume = load_volume(case.volume)
@@ -90,7 +99,8 @@ def prepare_case(case: Case, settings: PreprocessSettings, box_margin: int = 0) 
     canonical = orientation.apply(np.asarray(volume.dataobj, dtype=np.float32))
     labels = orientation.apply(np.asarray(mask.dataobj) > 0).astype(np.uint8)
     full = GridMap.full_fov(canonical.shape, settings.target_shape)
-    prepared = PreparedCase(case.base, prepare_input(canonical, full, settings), full.sample(labels, order=0))
+    order = 1 if soft_labels else 0
+    prepared = PreparedCase(case.base, prepare_input(canonical, full, settings), full.sample(labels, order=order))
     if settings.crop_spacing_mm is not None:
         if not labels.any():
             raise CaseLoadError(f"{case.mask}: empty mask; a two-pass model needs the heart's position")
@@ -98,7 +108,7 @@ def prepare_case(case: Case, settings: PreprocessSettings, box_margin: int = 0) 
         spacing = orientation.apply_spacing(voxel_spacing(volume.affine))
         box = GridMap.box(np.argwhere(labels).mean(axis=0), spacing, shape, settings.crop_spacing_mm)  # type: ignore[arg-type]
         prepared.box_image = box.sample(canonical)
-        prepared.box_label = box.sample(labels, order=0)
+        prepared.box_label = box.sample(labels, order=order)
         prepared.margin = box_margin
     return prepared
 
@@ -110,6 +120,7 @@ def prepare_cases(
     desc: str = "loading",
     box_margin: int = 0,
     workers: int = 0,
+    soft_labels: bool = False,
 ) -> list[PreparedCase]:
     """:func:`prepare_case` for every case, in order, with a progress bar.
 
@@ -120,12 +131,13 @@ def prepare_cases(
     if workers > 1 and len(cases) > 1:
         with ProcessPoolExecutor(min(workers, len(cases))) as pool:
             n = len(cases)
-            for item in pool.map(prepare_case, cases, [settings] * n, [box_margin] * n, chunksize=4):
+            args = [settings] * n, [box_margin] * n, [soft_labels] * n
+            for item in pool.map(prepare_case, cases, *args, chunksize=4):
                 prepared.append(item)
                 bar.update()
     else:
         for case in cases:
-            prepared.append(prepare_case(case, settings, box_margin))
+            prepared.append(prepare_case(case, settings, box_margin, soft_labels))
             bar.update()
     bar.close()
     return prepared

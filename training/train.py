@@ -159,7 +159,8 @@ def validate(
 ) -> float:
     """Mean Dice of the thresholded output against the labels, on the model grid.
 
-    Two-pass models are scored on the heart box centred on the true heart.
+    Two-pass models are scored on the heart box centred on the true heart; soft labels
+    count as foreground from 0.5.
     """
     model.eval()
     scores = []
@@ -169,7 +170,7 @@ def validate(
             x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
             x = x.contiguous(memory_format=torch.channels_last_3d)
             pred = (model(x)[0, 0].float() >= 0).cpu().numpy()
-            scores.append(dice(pred, label.astype(bool)))
+            scores.append(dice(pred, label >= 0.5))
     model.train()
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -266,9 +267,9 @@ def train(
     by_base = {c.base: c for c in cases}
     settings = preprocess_settings(config)
     margin = 0 if settings.crop_spacing_mm is None else int(round(cfg.box_jitter_mm / settings.crop_spacing_mm))
-    workers = cfg.num_workers
-    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train", margin, workers)
-    val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val", 0, workers)
+    workers, soft = cfg.num_workers, cfg.soft_labels
+    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train", margin, workers, soft)
+    val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val", 0, workers, soft)
     log.info(
         "cases: %d train, %d val, %d test (split %s)",
         len(train_cases),

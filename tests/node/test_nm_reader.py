@@ -8,8 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from node.dicom_values import MAX_VOXELS
 from node.errors import InvalidSeriesError, UnsupportedSeriesError
-from node.nm_reader import MAX_VOXELS, read_nm_multiframe, read_nm_series
+from node.nm_reader import read_nm_multiframe, read_nm_series
 from node.nm_writer import nifti_to_nm, nifti_to_nm_series
 
 IDENTITY = {"patient_name": "Phantom^Reader", "patient_id": "READER01"}
