@@ -51,6 +51,8 @@ class PhantomSettings:
         slices thicker or thinner (+-15%) than the pixel size.
     p_slices_reversed, p_ras_order
         Voxel order: LPI (negative slice spacing) or RAS; LPS otherwise.
+    wall_mm
+        Left-ventricular wall thickness (mm), drawn uniformly per case.
     p_defect, p_second_defect, defect_severity
         Perfusion defects in the LAD, LCX and RCA territories (a second one given a
         first) and their uptake reduction.
@@ -81,6 +83,7 @@ class PhantomSettings:
     p_anisotropic_slices: float = 0.15
     p_slices_reversed: float = 0.2
     p_ras_order: float = 0.2
+    wall_mm: tuple[float, float] = (8.0, 12.0)
     p_defect: float = 0.55
     p_second_defect: float = 0.3
     defect_severity: tuple[float, float] = (0.3, 0.9)

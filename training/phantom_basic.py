@@ -34,6 +34,7 @@ class BasicSettings:
     """Probabilities and ranges of the phantom population (defaults: a wide realistic mix)."""
 
     p_matrix_128: float = 0.5
+    wall_mm: tuple[float, float] = (8.0, 12.0)
     p_defect: float = 0.6
     p_second_defect: float = 0.3
     p_hot_adjacent: float = 0.3
@@ -116,7 +117,7 @@ def generate_basic_case(seed: int, index: int, settings: BasicSettings = BasicSe
     heart_centre = np.array(
         [body_c[0] - rng.uniform(5.0, 45.0), body_c[1] + rng.uniform(0.0, 45.0), rng.uniform(-60.0, 60.0)]
     )
-    wall = rng.uniform(8.0, 12.0)
+    wall = rng.uniform(*settings.wall_mm)
     r_ant = rng.uniform(26.0, 36.0)
     lv = LeftVentricle.orient(
         heart_centre,

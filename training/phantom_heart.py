@@ -38,10 +38,10 @@ def myocardium_ml(lv: LeftVentricle, step_mm: float = 2.0) -> float:
     return float(inside.sum()) * step_mm**3 / 1000.0
 
 
-def _draw_lv_shape(rng: np.random.Generator) -> tuple[LeftVentricle, dict[str, object]]:
+def _draw_lv_shape(rng: np.random.Generator, wall_mm: tuple[float, float]) -> tuple[LeftVentricle, dict[str, object]]:
     length = rng.uniform(70.0, 100.0)
     base_t = rng.uniform(0.05, 0.35)
-    wall = rng.uniform(8.0, 12.0)
+    wall = rng.uniform(*wall_mm)
     wall_mod = rng.uniform(0.0, 0.15)
     radius = float(np.clip(length * rng.uniform(0.35, 0.45), 25.0, 42.0))
     min_r = wall * (1 + wall_mod) + 11.0
@@ -77,13 +77,15 @@ def _draw_lv_shape(rng: np.random.Generator) -> tuple[LeftVentricle, dict[str, o
 
 
 def draw_lv(
-    rng: np.random.Generator, volume_ml: tuple[float, float] = (60.0, 250.0)
+    rng: np.random.Generator,
+    wall_mm: tuple[float, float] = (8.0, 12.0),
+    volume_ml: tuple[float, float] = (60.0, 250.0),
 ) -> tuple[LeftVentricle, dict[str, object]]:
-    """An LV centred at the origin: long axis 70-100 mm, wall 8-12 mm, tilted left, anterior and inferior
+    """An LV centred at the origin: long axis 70-100 mm, wall ``wall_mm`` (8-12 mm), tilted left, anterior and inferior
     by 45 +- 20 and 25 (-20..+18) degrees, with mild irregularity; redrawn (a few times at most) until its
     myocardial volume lies in ``volume_ml``."""
     for _ in range(20):
-        lv, params = _draw_lv_shape(rng)
+        lv, params = _draw_lv_shape(rng, wall_mm)
         if volume_ml[0] <= myocardium_ml(lv) <= volume_ml[1]:
             break
     return lv, params

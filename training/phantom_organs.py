@@ -308,7 +308,7 @@ def build_scene(rng: np.random.Generator, canvas: Canvas, s: PhantomSettings) ->
         rng.uniform(-6e-4, 6e-4),
         0.0,
     )
-    lv, params = draw_lv(rng)
+    lv, params = draw_lv(rng, s.wall_mm)
     lv = _place_lv(rng, lv, torso, canvas.grid.fov_mm)
     patterns, perfusion = draw_perfusion(rng, s)
     hot_kind = str(rng.choice(HOT_KINDS, p=[0.45, 0.35, 0.2])) if rng.random() < s.p_hot_adjacent else "none"

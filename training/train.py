@@ -268,7 +268,9 @@ def train(
     settings = preprocess_settings(config)
     margin = 0 if settings.crop_spacing_mm is None else int(round(cfg.box_jitter_mm / settings.crop_spacing_mm))
     workers, soft = cfg.num_workers, cfg.soft_labels
-    train_cases = prepare_cases([by_base[b] for b in split.train], settings, show, "loading train", margin, workers, soft)
+    train_cases = prepare_cases(
+        [by_base[b] for b in split.train], settings, show, "loading train", margin, workers, soft
+    )
     val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val", 0, workers, soft)
     log.info(
         "cases: %d train, %d val, %d test (split %s)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
@@ -13,6 +14,7 @@ from scipy import ndimage
 
 from training.phantom import PhantomSettings, generate_case, write_dataset
 from training.phantom_anatomy import TERRITORIES, LeftVentricle, UptakePattern, myocardial_uptake
+from training.phantom_basic import BasicSettings, generate_basic_case
 from training.phantom_grid import sample_grid
 from training.phantom_render import render_case
 
@@ -229,3 +231,30 @@ def test_render_looks_the_same_whatever_the_voxel_order(tmp_path: Path) -> None:
     image_a, image_b = matplotlib.image.imread(a), matplotlib.image.imread(b)
     assert image_a.shape[0] > 100 and image_a.std() > 0.05
     assert np.array_equal(image_a, image_b)
+
+
+@pytest.mark.parametrize("family", ["anatomical", "basic"])
+def test_wall_range_changes_the_wall_and_nothing_else(family: str) -> None:
+    """``wall_mm`` is one draw: fixing it leaves every other parameter of the case (and the grid) alone."""
+    if family == "basic":
+        default, thick = generate_basic_case(4, 1), generate_basic_case(4, 1, BasicSettings(wall_mm=(14.0, 14.0)))
+    else:
+        default, thick = generate_case(4, 1, SMALL), generate_case(4, 1, replace(SMALL, wall_mm=(14.0, 14.0)))
+    assert thick.params["wall_mm"] == 14.0 and default.params["wall_mm"] < 12.0
+    assert np.array_equal(default.affine, thick.affine) and default.volume.shape == thick.volume.shape
+    changed = {k for k in default.params if default.params[k] != thick.params[k]}
+    assert "wall_mm" in changed and changed <= {
+        "wall_mm",
+        "apex_wall_mm",
+        "myocardium_ml",
+        "mask_voxels",
+        "mask_fraction",
+        "total_counts",
+        "adjacent_uptake_ratio",
+        "unit_scale",
+        "adjacent_image_ratio",
+        "lv_radius_mm",
+    }
+    assert thick.mask.sum() > default.mask.sum()  # a thicker wall, more myocardium
+    overlap = np.count_nonzero(thick.mask & default.mask) / default.mask.sum()
+    assert overlap > 0.9  # around the same ventricle
