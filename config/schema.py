@@ -198,6 +198,7 @@ class PeerSection(Section):
 class StorageSection(Section):
     root: Path = Path("var/spect-node")
     retention_days: float | None = Field(None, gt=0)
+    purge_every_hours: float | None = Field(24.0, gt=0)
 
 
 class AppConfig(Section):

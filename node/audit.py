@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from storage.retention import StudySummary
+
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +69,18 @@ class AuditLog:
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
+
+
+def record_study_purged(audit: AuditLog, study: StudySummary, retention_days: float, by: str) -> None:
+    """The ``study-purged`` event of one study removed by retention (``by``: ``purge`` or ``node``)."""
+    audit.record(
+        "study-purged",
+        study_instance_uid=study.study_instance_uid,
+        patient_id=study.patient_id,
+        instances=study.n_instances,
+        retention_days=retention_days,
+        by=by,
+    )
 
 
 def identifier_keys(identifier: object) -> dict[str, str]:

@@ -187,7 +187,7 @@ def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig, tls: bool
 def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, include_failed: bool) -> int:
     from tqdm import tqdm
 
-    from node.audit import AuditLog
+    from node.audit import AuditLog, record_study_purged
     from storage import Storage
     from storage.retention import StudySummary, check_period_days, purge
 
@@ -204,13 +204,7 @@ def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, incl
     audit = AuditLog(None if dry_run else (config.node.audit_log or Path(config.storage.root) / "audit.jsonl"))
 
     def show(study: StudySummary, _dry_run: bool) -> None:
-        audit.record(
-            "study-purged",
-            study_instance_uid=study.study_instance_uid,
-            patient_id=study.patient_id,
-            instances=study.n_instances,
-            retention_days=days,
-        )
+        record_study_purged(audit, study, days, by="purge")
         tqdm.write(
             f"{verb} study {study.study_instance_uid} (patient {study.patient_id or '-'}, {study.n_instances} "
             f"instance(s), {study.size_bytes / 1e6:.1f} MB, last received {_when(study.last_received_at)})"

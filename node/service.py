@@ -1,7 +1,9 @@
 """The node as a service: start, serve, stop accepting on SIGTERM, drain, exit.
 
 Threads: pynetdicom's association threads (receive only), one segmentation worker
-(inference serialised), one result sender, one series-assembly sweeper.
+(inference serialised), one result sender, one series-assembly sweeper, and with
+``storage.retention_days`` set one retention thread (a purge shortly after the start,
+then every ``storage.purge_every_hours``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config import AppConfig
-from node.audit import AuditLog
+from node.audit import AuditLog, record_study_purged
 from node.network import PeerAddress, configure_timeouts
 from node.policy import AccessPolicy, PeerRule
 from node.receiver import Receiver
@@ -26,6 +28,7 @@ from node.worker import SegmentationWorker, WorkerSettings
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor
 from storage import Storage
+from storage.retention import SECONDS_PER_DAY, StudySummary, purge
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +183,41 @@ class Node:
                 except Exception:  # keep sweeping; the next round retries
                     log.exception("series sweep failed")
 
-        for name, target in (("worker", self.worker.run), ("sender", self.sender.run), ("sweeper", sweep)):
+        services = [("worker", self.worker.run), ("sender", self.sender.run), ("sweeper", sweep)]
+        storage_cfg = self.config.storage
+        if storage_cfg.retention_days is not None and storage_cfg.purge_every_hours is not None:
+            services.append(("retention", self._retention))
+        for name, target in services:
             thread = threading.Thread(target=target, name=f"spect-node-{name}", daemon=True)
             thread.start()
             self.threads.append(thread)
+
+    def _retention(self) -> None:
+        """Apply ``storage.retention_days`` shortly after the start, then every ``purge_every_hours``."""
+        days, hours = self.config.storage.retention_days, self.config.storage.purge_every_hours
+        assert days is not None and hours is not None
+        interval = hours * 3600.0
+
+        def audited(study: StudySummary, _dry_run: bool) -> None:
+            record_study_purged(self.audit, study, days, by="node")
+
+        wait = min(interval, 60.0)  # a node restarted more often than the interval still purges
+        while not self.stop_event.wait(wait):
+            wait = interval
+            try:
+                report = purge(self.storage, days * SECONDS_PER_DAY, on_study=audited)
+            except Exception:  # keep the node serving; the next round retries
+                log.exception("retention purge failed; next try in %g h", hours)
+                continue
+            if report.removed or report.file_errors:
+                log.info(
+                    "retention (%g days): removed %d studies (%d instances), kept %d (work in flight), %d file errors",
+                    days,
+                    len(report.removed),
+                    report.instances_removed,
+                    len(report.held),
+                    len(report.file_errors),
+                )
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop accepting associations, let the job in hand finish, stop the threads, close storage."""

@@ -322,3 +322,38 @@ def test_cli_purge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     code, _, err = _cli(capsys, "--set", f"storage.root={tmp_path / 'nothing'}", "--older-than", "1")
     assert code == 2 and "nothing is stored there" in err and not (tmp_path / "nothing").exists()
+
+
+def test_running_node_applies_the_retention_period_itself(tmp_path: Path) -> None:
+    """With ``storage.retention_days`` set the node purges on its own: shortly after the start, then periodically."""
+    config = node_config(tmp_path / "node", "storage.retention_days=30", "storage.purge_every_hours=0.0003")
+    with Storage.open(config.storage.root) as storage:
+        old = add_study(storage, "OLD", age_days=40)
+        held = add_study(storage, "HELD", age_days=40, delivery="retrying")
+        recent = add_study(storage, "NEW", age_days=1)
+    node = Node.start(config, load_model=False)
+    try:
+        assert old in _find_studies(node.port)
+        deadline = time.monotonic() + 30
+        while old in _find_studies(node.port) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _find_studies(node.port) == {held, recent}
+    finally:
+        node.stop()
+    purged = [e for e in read_audit(config.storage.root / "audit.jsonl") if e["event"] == "study-purged"]
+    assert [(e["study_instance_uid"], e["patient_id"], e["by"]) for e in purged] == [(old, "OLD", "node")]
+    with Storage.open(config.storage.root) as storage:
+        assert counts(storage)["instances"] == 6  # the held and the recent study, 3 instances each
+
+
+def test_node_without_a_retention_period_keeps_everything(tmp_path: Path) -> None:
+    config = node_config(tmp_path / "node", "storage.purge_every_hours=0.0003")
+    with Storage.open(config.storage.root) as storage:
+        old = add_study(storage, "OLD", age_days=4000)
+    node = Node.start(config, load_model=False)
+    try:
+        assert not any(t.name == "spect-node-retention" for t in node.threads)
+        time.sleep(2.5)  # more than two purge intervals
+        assert _find_studies(node.port) == {old}
+    finally:
+        node.stop()
