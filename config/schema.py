@@ -160,7 +160,8 @@ class NodeSection(Section):
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(16, ge=1)
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
-    series_idle_timeout: float = Field(5.0, gt=0)
+    series_idle_timeout: float = Field(10.0, gt=0)
+    series_incomplete_timeout: float = Field(120.0, gt=0)
     accept_pet_like: bool = True
     seg_series_number: int = Field(9901, ge=1)
     seg_series_description: str = "LV myocardium SEG - RESEARCH USE ONLY"

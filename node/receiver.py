@@ -4,6 +4,9 @@ A multi-frame NM instance is a complete series on arrival (no waiting). A
 single-frame series is complete when its expected slice count is reached
 (ImagesInAcquisition, or NumberOfSlices for PET) or, failing that, after
 ``series_idle_timeout`` seconds without a new instance (:meth:`Receiver.sweep_idle`).
+A series that announced its count and is still short of it waits longer,
+``series_incomplete_timeout`` seconds, before it is processed as it is: a sender that
+stalls for a few seconds then does not cause a job on half a series and a second SEG.
 
 What is refused at C-STORE, before anything is written (see :meth:`Receiver.store`):
 bytes that do not decode as a DICOM data set, a data set cut short (an element holding
@@ -306,19 +309,49 @@ class Receiver:
             log.info("series %s complete (%d instances); job %s queued", series_uid, series.n_instances, job)
             self.on_job_queued()
 
-    def sweep_idle(self, idle_timeout: float, now: float | None = None) -> list[str]:
-        """Complete every receiving series idle for ``idle_timeout`` seconds; returns their UIDs."""
+    def sweep_idle(
+        self, idle_timeout: float, now: float | None = None, incomplete_timeout: float | None = None
+    ) -> list[str]:
+        """Complete every receiving series idle long enough; returns their UIDs.
+
+        Parameters
+        ----------
+        idle_timeout
+            Seconds without a new instance after which a series without an expected
+            count counts as complete.
+        now
+            POSIX time to measure from (default: the current time).
+        incomplete_timeout
+            Seconds without a new instance after which a series still short of its
+            expected count is processed as it is (a warning names the shortfall);
+            ``None``: the same as ``idle_timeout``.
+        """
         now = time.time() if now is None else now
+        patience = idle_timeout if incomplete_timeout is None else max(idle_timeout, incomplete_timeout)
         completed = []
         for series in self.storage.index.series_idle_since(now - idle_timeout):
+            short = series.expected_instances is not None and series.n_instances < series.expected_instances
+            if short and series.last_received_at > now - patience:
+                continue  # it said how many instances it has: wait longer for the rest
             job = self.storage.index.mark_series_complete(series.series_instance_uid, job_kind=SEGMENT_JOB)
-            log.info(
-                "series %s complete after %.0f s idle (%d instances); job %s queued",
-                series.series_instance_uid,
-                idle_timeout,
-                series.n_instances,
-                job,
-            )
+            if short:
+                log.warning(
+                    "series %s processed with %d of its %d announced instances after %.0f s without a new one; "
+                    "job %s queued",
+                    series.series_instance_uid,
+                    series.n_instances,
+                    series.expected_instances,
+                    patience,
+                    job,
+                )
+            else:
+                log.info(
+                    "series %s complete after %.0f s idle (%d instances); job %s queued",
+                    series.series_instance_uid,
+                    idle_timeout,
+                    series.n_instances,
+                    job,
+                )
             completed.append(series.series_instance_uid)
         if completed:
             self.on_job_queued()

@@ -174,12 +174,12 @@ class Node:
         return node
 
     def _start_threads(self) -> None:
-        idle = self.config.node.series_idle_timeout
+        idle, incomplete = self.config.node.series_idle_timeout, self.config.node.series_incomplete_timeout
 
         def sweep() -> None:
             while not self.stop_event.wait(min(1.0, idle / 4)):
                 try:
-                    self.receiver.sweep_idle(idle)
+                    self.receiver.sweep_idle(idle, incomplete_timeout=incomplete)
                 except Exception:  # keep sweeping; the next round retries
                     log.exception("series sweep failed")
 

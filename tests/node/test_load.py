@@ -37,8 +37,11 @@ def node(tmp_path: Path, destination: CountingDestination) -> Iterator[Node]:
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
     peers = [PeerSection(ae_title=DESTINATION_AE, host="127.0.0.1", port=destination.port)]
+    # The senders share the node's process and its 2 cores with inference: one of them was
+    # once starved for 5.5 s mid-series, and a 3 s idle time then split a series of 28
+    # slices into two jobs (two SEGs, each correct for what had arrived). 10 s is the default.
     config = node_config(
-        tmp_path / "node", f"node.max_associations={N_ASSOCIATIONS}", "node.series_idle_timeout=3", peers=peers
+        tmp_path / "node", f"node.max_associations={N_ASSOCIATIONS}", "node.series_idle_timeout=10", peers=peers
     )
     running = Node.start(config)
     yield running
