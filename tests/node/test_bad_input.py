@@ -63,12 +63,14 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandInPacs]:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, pacs: StandInPacs) -> Iterator[Node]:
-    """One node for the module: allow list, 1 s idle timeout, the shipped model loaded on first use."""
+    """One node for the module: allow list, 1 s idle timeouts (also for series short of their announced
+    count: several cases send one odd slice), the shipped model loaded on first use."""
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
     config = node_config(
         tmp_path_factory.mktemp("node"),
         "node.series_idle_timeout=1",
+        "node.series_incomplete_timeout=1",
         f"node.allowed_calling_ae_titles=[{','.join(ALLOWED)}]",
         peers=[PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port)],
     )
