@@ -28,6 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from seg.metrics import dice
 from training.phantom import PhantomSettings, generate_case
 from training.phantom_basic import BasicSettings, generate_basic_case
 
@@ -38,9 +39,19 @@ def oracle_dice(family: str, seed: int, index: int) -> float:
     settings = BasicSettings() if family == "basic" else PhantomSettings()
     middle = float(np.mean(settings.wall_mm))
     blind = dataclasses.replace(settings, wall_mm=(middle, middle))  # same draws, one value changed
-    truth = generate(seed, index, settings).mask.astype(bool)  # type: ignore[arg-type]
-    guess = generate(seed, index, blind).mask.astype(bool)  # type: ignore[arg-type]
-    return float(2 * np.count_nonzero(truth & guess) / (truth.sum() + guess.sum()))
+    return dice(generate(seed, index, blind).mask, generate(seed, index, settings).mask)  # type: ignore[arg-type]
+
+
+def print_oracle(families: list[str], seed: int, cases: int, workers: int) -> None:
+    """The wall-blind oracle's Dice per family over cases ``0..cases-1`` of population ``seed``."""
+    print(f"wall-blind oracle (wall fixed at the range's middle), seed {seed}, {cases} cases per family")
+    with ProcessPoolExecutor(workers) as pool:
+        for family in families:
+            jobs = [pool.submit(oracle_dice, family, seed, i) for i in range(cases)]
+            scores = np.array([job.result() for job in tqdm(jobs, desc=family, unit="case", leave=False)])
+            print(
+                f"  {family:<11} Dice mean {scores.mean():.3f}  median {np.median(scores):.3f}  min {scores.min():.3f}"
+            )
 
 
 def volume_bias(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,8 +62,8 @@ def volume_bias(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise SystemExit(f"{path}: no wall_mm column (evaluate phantoms with their demographics.csv)")
     wall = np.array([float(r["wall_mm"]) for r in rows])
     ratio = np.array([float(r["pred_ml"]) / float(r["truth_ml"]) for r in rows])
-    dice = np.array([float(r["dice_pp"]) for r in rows])
-    return wall, ratio, dice
+    dice_pp = np.array([float(r["dice_pp"]) for r in rows])
+    return wall, ratio, dice_pp
 
 
 def main() -> None:
@@ -66,14 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.cases > 0:
-        print(f"wall-blind oracle (wall fixed at the range's middle), seed {args.seed}, {args.cases} cases per family")
-    with ProcessPoolExecutor(args.workers) as pool:
-        for family in args.families if args.cases > 0 else ():
-            jobs = [pool.submit(oracle_dice, family, args.seed, i) for i in range(args.cases)]
-            scores = np.array([job.result() for job in tqdm(jobs, desc=family, unit="case", leave=False)])
-            print(
-                f"  {family:<11} Dice mean {scores.mean():.3f}  median {np.median(scores):.3f}  min {scores.min():.3f}"
-            )
+        print_oracle(args.families, args.seed, args.cases, args.workers)
 
     if not args.metrics:
         return
@@ -81,11 +85,11 @@ def main() -> None:
     ax = fig.subplots()
     print("model: predicted / true myocardial volume against the wall thickness")
     for path in args.metrics:
-        wall, ratio, dice = volume_bias(path)
+        wall, ratio, dice_pp = volume_bias(path)
         r = float(np.corrcoef(wall, ratio)[0, 1])
         print(
             f"  {path.parent.name:<20} volume ratio {ratio.mean():.3f} +- {ratio.std():.3f}, "
-            f"r(wall, ratio) = {r:+.2f}, r(wall, Dice) = {float(np.corrcoef(wall, dice)[0, 1]):+.2f}"
+            f"r(wall, ratio) = {r:+.2f}, r(wall, Dice) = {float(np.corrcoef(wall, dice_pp)[0, 1]):+.2f}"
         )
         ax.scatter(wall, ratio, s=14, label=f"{path.parent.name} (r = {r:+.2f})")
     ax.axhline(1.0, color="grey", lw=0.8)

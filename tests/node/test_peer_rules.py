@@ -15,11 +15,10 @@ import pytest
 from dicom_client import NODE_AE, associate, c_find, c_get, c_move, c_store
 from peers import require_tool
 from pydicom import Dataset
-from studies import node_config, spect_like_volume
+from studies import nm_study_file, node_config
 
 from config.schema import PeerSection
 from node.audit import read_audit
-from node.nm_writer import nifti_to_nm
 from node.policy import REFUSED_NOT_AUTHORISED, UNABLE_TO_PROCESS_NOT_AUTHORISED, AccessPolicy, PeerRule
 from node.service import Node
 from node.standin_pacs import PACS_AE, StandInPacs
@@ -29,10 +28,7 @@ PENDING, SUCCESS = 0xFF00, 0x0000
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
-    ds = nifti_to_nm(spect_like_volume(), patient_name="Rules^Test", patient_id="RULES-0001")
-    path = tmp_path_factory.mktemp("study") / "nm.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds, path
+    return nm_study_file(tmp_path_factory.mktemp("study"), "Rules^Test", "RULES-0001")
 
 
 def _peer(ae_title: str, services: list[str], host: str = "127.0.0.1", check_host: bool = False) -> PeerSection:

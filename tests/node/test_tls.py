@@ -18,14 +18,13 @@ from dicom_client import NODE_AE, associate, c_store, tls_client_context, wait_f
 from peers import require_tool
 from pki import Pki, make_pki
 from pydicom import Dataset
-from studies import WEIGHTS, free_port, node_config, spect_like_volume
+from studies import WEIGHTS, free_port, nm_study_file, node_config
 
 from config import ConfigError, load_config
 from config.schema import PeerSection, TlsSection
 from node.audit import read_audit
 from node.cli import main as spect_node
 from node.network import PeerAddress
-from node.nm_writer import nifti_to_nm
 from node.scu import send_datasets
 from node.service import Node
 from node.standin_pacs import PACS_AE, StandInPacs
@@ -42,10 +41,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
-    ds = nifti_to_nm(spect_like_volume(), patient_name="Tls^Test", patient_id="TLS-0001")
-    path = tmp_path_factory.mktemp("study") / "nm.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds, path
+    return nm_study_file(tmp_path_factory.mktemp("study"), "Tls^Test", "TLS-0001")
 
 
 def _listening(pki: Pki, require_client: bool = True) -> list[str]:

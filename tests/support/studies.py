@@ -10,12 +10,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 
 from config import AppConfig, load_config
 from config.schema import PeerSection
+from node.nm_writer import nifti_to_nm
 from training.phantom_basic import generate_basic_case
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,14 @@ def spect_like_volume(kind: str = "axial") -> nib.Nifti1Image:
         rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
         affine[:3, :3] = rotation @ affine[:3, :3]
     return nib.Nifti1Image(volume.copy(), affine)
+
+
+def nm_study_file(folder: Path, patient_name: str, patient_id: str) -> tuple[Dataset, Path]:
+    """The SPECT-like volume as one multi-frame NM instance, and that instance written to ``folder/nm.dcm``."""
+    ds = nifti_to_nm(spect_like_volume(), patient_name=patient_name, patient_id=patient_id)
+    path = folder / "nm.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ds, path
 
 
 def node_config(root: Path, *overrides: str, peers: Sequence[PeerSection] = ()) -> AppConfig:
