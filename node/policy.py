@@ -15,8 +15,11 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import Dataset
+
+from node.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,28 @@ class AccessPolicy:
         if _plain(address) not in {_plain(a) for a in expected}:
             return f"peer {rule.ae_title} is configured at {rule.host}, the association came from {address}"
         return None
+
+
+def refuse_unless_allowed(
+    event: Any, policy: AccessPolicy, audit: AuditLog, service: str, dimse: str
+) -> Dataset | None:
+    """``None`` when the caller of ``event`` may use ``service``; else the refusal to answer, logged and audited.
+
+    ``event`` is the pynetdicom event of a ``dimse`` request (``"C-STORE"``, ``"C-FIND"``...);
+    the refusal is 0xC124 for C-FIND and 0x0124 for the others, with an Error Comment.
+    """
+    calling = event.assoc.requestor.ae_title.strip()
+    if policy.allows(calling, service):
+        return None
+    log.warning("%s from %s refused: not authorised to %s", dimse, calling, service)
+    audit.record(
+        f"{service}-refused",
+        calling_ae=calling,
+        address=event.assoc.requestor.address,
+        service=dimse,
+        reason="not authorised",
+    )
+    return refusal(UNABLE_TO_PROCESS_NOT_AUTHORISED if dimse == "C-FIND" else REFUSED_NOT_AUTHORISED, calling, service)
 
 
 def _addresses(host: str) -> set[str]:

@@ -46,7 +46,7 @@ from pynetdicom.sop_class import (
 
 from node.audit import AuditLog, identifier_keys
 from node.network import NODELAY_HANDLERS, PeerAddress
-from node.policy import REFUSED_NOT_AUTHORISED, UNABLE_TO_PROCESS_NOT_AUTHORISED, AccessPolicy, refusal
+from node.policy import AccessPolicy, refuse_unless_allowed
 from node.response_guard import GUARD_HANDLERS
 from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
 from storage.query import UNIQUE_KEYS
@@ -184,17 +184,6 @@ def _parse(event: evt.Event, models: Mapping[str, InformationModel], service: st
         return UNABLE_TO_PROCESS
 
 
-def _refused(event: evt.Event, policy: AccessPolicy, audit: AuditLog, service: str, dimse: str) -> Dataset | None:
-    """The refusal to answer (logged and audited) when the caller's peer rule does not allow ``service``."""
-    calling = event.assoc.requestor.ae_title.strip()
-    if policy.allows(calling, service):
-        return None
-    log.warning("%s from %s refused: not authorised to %s", dimse, calling, service)
-    audit.record(f"{service}-refused", calling_ae=calling, address=event.assoc.requestor.address, service=dimse)
-    status = UNABLE_TO_PROCESS_NOT_AUTHORISED if dimse == "C-FIND" else REFUSED_NOT_AUTHORISED
-    return refusal(status, calling, service)
-
-
 def _audit_request(event: evt.Event, audit: AuditLog, kind: str, dimse: str, count: int, **extra: object) -> None:
     audit.record(
         kind,
@@ -215,7 +204,7 @@ def handle_find(
     A caller not allowed to ``query`` gets 0xC124 (Failed: Unable to process) with an Error Comment.
     """
     try:
-        if (refused := _refused(event, policy, audit, "query", "C-FIND")) is not None:
+        if (refused := refuse_unless_allowed(event, policy, audit, "query", "C-FIND")) is not None:
             yield refused, None
             return
         query = _parse(event, FIND_MODELS, "C-FIND")
@@ -282,7 +271,7 @@ def _retrieval(
     event: evt.Event, storage: Storage, policy: AccessPolicy, audit: AuditLog, dimse: str, destination: str
 ) -> list[InstanceRecord] | int | Dataset:
     """:func:`_instances` behind the ``retrieve`` permission (else the refusal to answer), audited."""
-    if (refused := _refused(event, policy, audit, "retrieve", dimse)) is not None:
+    if (refused := refuse_unless_allowed(event, policy, audit, "retrieve", dimse)) is not None:
         return refused
     instances = _instances(event, storage, MOVE_MODELS if dimse == "C-MOVE" else GET_MODELS, dimse)
     if isinstance(instances, list):

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (
 
 from node.audit import AuditLog
 from node.network import NODELAY_HANDLERS, PeerAddress
-from node.policy import REFUSED_NOT_AUTHORISED, AccessPolicy, refusal
+from node.policy import AccessPolicy, refuse_unless_allowed
 from node.qr import QR_SOP_CLASSES, handle_find, handle_get, handle_move
 from node.tls import make_handshake_handler, peer_certificate_name
 from storage import Storage
@@ -88,21 +88,16 @@ def handle_store(event: evt.Event, sink: InstanceSink, policy: AccessPolicy, aud
     Error Comment, and nothing is written.
     """
     try:
+        if (refused := refuse_unless_allowed(event, policy, audit, "store", "C-STORE")) is not None:
+            return refused
         request = event.request
-        calling = event.assoc.requestor.ae_title.strip()
-        if not policy.allows(calling, "store"):
-            log.warning("C-STORE %s from %s refused: not authorised to store", request.AffectedSOPInstanceUID, calling)
-            audit.record(
-                "store-refused", calling_ae=calling, address=event.assoc.requestor.address, reason="not authorised"
-            )
-            return refusal(REFUSED_NOT_AUTHORISED, calling, "store")
         encoded = event.encoded_dataset(include_meta=True)
         return sink.store(
             encoded,
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
             str(event.context.transfer_syntax),
-            calling,
+            event.assoc.requestor.ae_title.strip(),
         )
     except Exception:  # the handler must answer, whatever went wrong
         log.exception("C-STORE handling failed")
