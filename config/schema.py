@@ -115,6 +115,8 @@ class TestSection(Section):
     only_masked: bool = True
     threshold: float | None = Field(None, gt=0, lt=1)
     n_visualize: int = Field(5, ge=0)
+    orientation_search: bool = True
+    check_spacing: bool = True
 
 
 class PostprocessSection(Section):

@@ -215,6 +215,8 @@ class SegmentationWorker:
             nib.Nifti1Image(prediction.mask, converted.image.affine),
             str(nifti_path.with_name(nifti_path.name.replace(".nii.gz", "_myocardium.nii.gz"))),
         )
+        if prediction.geometry:
+            log.warning("series %s: %s", series, prediction.geometry)
         t2 = time.perf_counter()
         if not prediction.mask.any():
             raise ValueError("no myocardium found in the volume; no SEG is made")

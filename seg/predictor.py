@@ -9,10 +9,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 from scipy import ndimage
 
 from seg.checkpoint import Checkpoint, load_checkpoint
 from seg.inference import InferenceEngine, Precision, resolve_device
+from seg.pose import canonical_poses, compose, confidence, heart_size_mm, plausible_spacing
 from seg.postprocess import Postprocessor, PostprocessSettings, keep_largest_component
 from seg.preprocess import GridMap, Orientation, from_model_grid, prepare_input, voxel_spacing
 
@@ -36,6 +38,9 @@ class Prediction:
         Where the model grid lay in the input (to map other thresholds back, see :meth:`Predictor.masks`).
     timings
         Seconds per stage: ``preprocess``, ``infer``, ``postprocess``.
+    geometry
+        ``""`` when the header's geometry was used as it is; otherwise what the predictor
+        changed (voxel order read differently, voxel size rescaled), as logged.
     """
 
     mask: np.ndarray
@@ -44,6 +49,7 @@ class Prediction:
     grid: GridMap
     orientation: Orientation
     timings: dict[str, float] = field(default_factory=dict)
+    geometry: str = ""
 
 
 def gated_soft_map(probability: np.ndarray, post_mask: np.ndarray, threshold: float) -> np.ndarray:
@@ -71,26 +77,31 @@ def gated_soft_map(probability: np.ndarray, post_mask: np.ndarray, threshold: fl
     return np.where(post, np.maximum(probability, threshold), below).astype(np.float32)
 
 
-def locate_heart(mask: np.ndarray, grid: GridMap) -> np.ndarray | None:
-    """Centre of the largest connected component of ``mask``, in input voxel coordinates.
+def heart_component(mask: np.ndarray) -> np.ndarray:
+    """The largest cluster of ``mask`` (bool), pieces closer than ~4 voxels counting as one; all False if empty.
 
-    Parameters
-    ----------
-    mask
-        bool ``grid.shape`` mask on the whole field of view (canonical order).
-
-    Returns
-    -------
-    numpy.ndarray or None
-        ``(3,)`` float centre of the mask voxels in the largest cluster (pieces closer than
-        ~4 voxels count as one), or ``None`` when the mask is empty.
+    A thin wall can break into pieces on a coarse grid: nearby pieces are merged before choosing.
     """
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
-        return None
-    # a thin wall can break into pieces on a coarse grid: merge nearby pieces before choosing
-    merged = keep_largest_component(ndimage.binary_dilation(mask, iterations=2))
-    return grid.to_input(np.argwhere(mask & merged).mean(axis=0))
+        return mask
+    return mask & keep_largest_component(ndimage.binary_dilation(mask, iterations=2))
+
+
+@dataclass
+class _Attempt:
+    """The network's reading of a volume in one voxel order."""
+
+    probability: np.ndarray
+    grid: GridMap
+    orientation: Orientation
+    score: float
+    note: str
+    prepare_s: float
+
+
+def _mm(spacing: tuple[float, float, float]) -> str:
+    return "x".join(f"{v:.2f}" for v in spacing)
 
 
 class Predictor:
@@ -106,7 +117,19 @@ class Predictor:
         ``auto`` picks CUDA when available and the faster of bf16/fp32 at warm-up.
     threshold
         Probability threshold; ``None`` = the checkpoint's.
+    orientation_search
+        Do not trust the header's voxel order: segment in all 48 axis orders and reversals
+        and keep the one the network is most confident in (the header's unless another beats
+        it by :attr:`POSE_MARGIN`). 48x the inference time; for NIfTI of unknown provenance.
+    check_spacing
+        Replace a header voxel size that makes the heart implausibly sized (see
+        :func:`seg.pose.plausible_spacing`); two-pass models only.
     """
+
+    # Confidence a pose must gain over the header's to replace it: on 20 held-out phantoms
+    # the header's pose was then always kept when right (Dice unchanged), and replaced
+    # whenever it was wrong.
+    POSE_MARGIN = 0.005
 
     def __init__(
         self,
@@ -115,8 +138,12 @@ class Predictor:
         device: str = "auto",
         precision: Precision = "auto",
         threshold: float | None = None,
+        orientation_search: bool = False,
+        check_spacing: bool = True,
     ) -> None:
         self.checkpoint = checkpoint
+        self.orientation_search = orientation_search
+        self.check_spacing = check_spacing
         self.preprocess = checkpoint.preprocess
         self.postprocess = postprocess or PostprocessSettings(**checkpoint.postprocess)
         self.threshold = checkpoint.threshold if threshold is None else threshold
@@ -133,10 +160,20 @@ class Predictor:
         precision: Precision = "auto",
         threshold: float | None = None,
         seed_target_shape: tuple[int, int, int] = (64, 64, 56),
+        orientation_search: bool = False,
+        check_spacing: bool = True,
     ) -> Predictor:
         """Load a checkpoint (or a plain seed ``state_dict``) from a file."""
         checkpoint = load_checkpoint(weights, seed_target_shape=seed_target_shape)
-        return cls(checkpoint, postprocess=postprocess, device=device, precision=precision, threshold=threshold)
+        return cls(
+            checkpoint,
+            postprocess=postprocess,
+            device=device,
+            precision=precision,
+            threshold=threshold,
+            orientation_search=orientation_search,
+            check_spacing=check_spacing,
+        )
 
     def warm_up(self) -> Predictor:
         """Pay first-call costs now and choose the execution path; returns ``self``."""
@@ -166,32 +203,61 @@ class Predictor:
         if min(volume.shape) < 1 or not np.all(np.isfinite(affine)):
             raise ValueError(f"unusable volume: shape {volume.shape}, affine finite={np.all(np.isfinite(affine))}")
         self.warm_up()
-        settings = self.preprocess
         t0 = time.perf_counter()
-        orientation = settings.orientation_for(affine)
-        canonical = orientation.apply(np.asarray(volume, dtype=np.float32))
-        grid = GridMap.full_fov(canonical.shape, settings.target_shape)
-        model_input = prepare_input(canonical, grid, settings)
-        t1 = time.perf_counter()
-        probability = self.engine.probabilities(model_input[None])[0]
-        if settings.crop_spacing_mm is not None:
-            centre = locate_heart(probability >= self.threshold, grid)
-            if centre is None:
-                log.warning("no myocardium found on the whole field of view; segmenting without the heart box")
-            else:
-                grid = GridMap.box(
-                    centre,
-                    orientation.apply_spacing(voxel_spacing(affine)),
-                    settings.target_shape,
-                    settings.crop_spacing_mm,
-                )
-                probability = self.engine.probabilities(prepare_input(canonical, grid, settings)[None])[0]
+        header = self.preprocess.orientation_for(affine)
+        spacing = voxel_spacing(affine)
+        data = np.asarray(volume, dtype=np.float32)
+        best = self._segment(data, header, spacing)
+        header_score = best.score
+        for pose in canonical_poses()[1:] if self.orientation_search else []:
+            attempt = self._segment(data, compose(header, pose), spacing)
+            if attempt.score > max(best.score, header_score + self.POSE_MARGIN):
+                best = attempt
+        if self.preprocess.crop_spacing_mm is not None and not best.grid.is_box:
+            log.warning("no myocardium found on the whole field of view; segmenting without the heart box")
+        notes = []
+        if best.orientation is not header:
+            said = "".join(orientations.ornt2axcodes(header.ornt))
+            read = "".join(orientations.ornt2axcodes(best.orientation.ornt))
+            notes.append(f"voxel axes read as {read}, not {said} as the header says")
+            log.info("%s (network confidence %.3f, %.3f in the header's order)", notes[0], best.score, header_score)
+        if best.note:
+            notes.append(best.note)
         t2 = time.perf_counter()
         shape = tuple(int(s) for s in volume.shape)
-        mask, raw_mask = self.masks(probability, grid, orientation, shape)  # type: ignore[arg-type]
+        mask, raw_mask = self.masks(best.probability, best.grid, best.orientation, shape)  # type: ignore[arg-type]
         t3 = time.perf_counter()
-        timings = {"preprocess": t1 - t0, "infer": t2 - t1, "postprocess": t3 - t2}
-        return Prediction(mask, raw_mask, probability, grid, orientation, timings)
+        timings = {"preprocess": best.prepare_s, "infer": t2 - t0 - best.prepare_s, "postprocess": t3 - t2}
+        return Prediction(
+            mask, raw_mask, best.probability, best.grid, best.orientation, timings, geometry="; ".join(notes)
+        )
+
+    def _segment(self, data: np.ndarray, orientation: Orientation, spacing: tuple[float, float, float]) -> _Attempt:
+        """The network's output for ``data`` (file order) read in ``orientation``: one or two passes."""
+        settings = self.preprocess
+        t0 = time.perf_counter()
+        canonical = orientation.apply(data)
+        grid = GridMap.full_fov(canonical.shape, settings.target_shape)
+        model_input = prepare_input(canonical, grid, settings)
+        prepare_s = time.perf_counter() - t0
+        probability = self.engine.probabilities(model_input[None])[0]
+        note = ""
+        if settings.crop_spacing_mm is not None:
+            heart = heart_component(probability >= self.threshold)
+            if heart.any():
+                centre = grid.to_input(np.argwhere(heart).mean(axis=0))
+                canonical_spacing = orientation.apply_spacing(spacing)
+                if self.check_spacing:
+                    size = heart_size_mm(heart, grid, canonical_spacing)
+                    canonical_spacing, rescaled = plausible_spacing(canonical_spacing, size)
+                    if rescaled:
+                        note = (
+                            f"header voxel size {_mm(orientation.apply_spacing(spacing))} mm makes the heart "
+                            f"{size:.0f} mm long; read as {_mm(canonical_spacing)} mm"
+                        )
+                grid = GridMap.box(centre, canonical_spacing, settings.target_shape, settings.crop_spacing_mm)
+                probability = self.engine.probabilities(prepare_input(canonical, grid, settings)[None])[0]
+        return _Attempt(probability, grid, orientation, confidence(probability), note, prepare_s)
 
     def masks(
         self,

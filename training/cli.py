@@ -186,8 +186,12 @@ def _predictor(config: AppConfig) -> Predictor:
         precision=config.model.precision,
         threshold=config.test.threshold,
         seed_target_shape=config.preprocess.target_shape,
+        orientation_search=config.test.orientation_search,
+        check_spacing=config.test.check_spacing,
     )
     log.info("model %s from %s", predictor.description, config.model.weights)
+    if config.test.orientation_search:
+        log.info("orientation search on: 48 readings per case (--orientation_search false when headers are right)")
     return predictor
 
 

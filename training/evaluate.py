@@ -45,6 +45,8 @@ def run_cases(predictor: Predictor, cases: Sequence[Case], progress: bool = True
             if truth.shape != volume.shape:
                 raise ValueError(f"{case.mask}: mask shape {truth.shape} differs from volume {volume.shape}")
         prediction = predictor.predict_array(np.asarray(volume.dataobj, dtype=np.float32), volume.affine)
+        if prediction.geometry:
+            log.warning("%s: %s", case.volume, prediction.geometry)
         yield CaseOutcome(case, volume, truth, prediction)
 
 
@@ -60,6 +62,7 @@ def _metric_row(outcome: CaseOutcome) -> dict[str, object]:
     row["truth_ml"] = round(float(outcome.truth.sum()) * float(np.prod(spacing)) / 1000.0, 3)
     row["pred_ml"] = round(float(outcome.prediction.mask.sum()) * float(np.prod(spacing)) / 1000.0, 3)
     row["infer_s"] = round(outcome.prediction.timings.get("infer", math.nan), 4)
+    row["geometry"] = outcome.prediction.geometry
     return row
 
 

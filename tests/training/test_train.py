@@ -108,10 +108,10 @@ def test_evaluate_and_predict_outputs(dataset: Path, tmp_path: Path, capsys: pyt
     with (tmp_path / "eval" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2  # the test split of 8 cases
-    assert {"dice_raw", "iou_pp", "hd95_mm_pp", "msd_mm_raw", "hot_extracardiac_adjacent"} <= set(rows[0])
+    assert {"dice_raw", "iou_pp", "hd95_mm_pp", "msd_mm_raw", "geometry", "hot_extracardiac_adjacent"} <= set(rows[0])
 
     assert spect_train(["predict", "--data_root", str(dataset), "--weights", str(weights),
-                        "--out", str(tmp_path / "outputs"), "-q"]) == 0  # fmt: skip
+                        "--out", str(tmp_path / "outputs"), "--orientation_search", "false", "-q"]) == 0  # fmt: skip
     masks = sorted((tmp_path / "outputs" / "masks_test").glob("*_pred_pp.nii.gz"))
     figures = sorted((tmp_path / "outputs" / "viz_test").glob("*.png"))
     assert len(masks) == 8 and len(figures) == 8
