@@ -126,9 +126,10 @@ class Predictor:
         :func:`seg.pose.plausible_spacing`); two-pass models only.
     """
 
-    # Confidence a pose must gain over the header's to replace it: on 20 held-out phantoms
-    # the header's pose was then always kept when right (Dice unchanged), and replaced
-    # whenever it was wrong.
+    # Confidence a pose must gain over the header's to replace it. Measured on 31 held-out
+    # phantoms (20 basic, 11 anatomical), each read in all 48 poses: with this margin a right
+    # header was always kept (Dice unchanged), and a wrong one replaced by a pose that scored
+    # mean Dice 0.922 (0.17-0.21 read as the header said).
     POSE_MARGIN = 0.005
 
     def __init__(
