@@ -13,13 +13,10 @@ Orientations are nibabel ``(3, 2)`` arrays ``(target axis, flip)`` per input axi
 from __future__ import annotations
 
 import itertools
-import logging
 
 import numpy as np
 
 from seg.preprocess import GridMap, Orientation
-
-log = logging.getLogger(__name__)
 
 # Largest side of the myocardium's bounding box that a header's voxel size may imply
 # (mm): an adult left ventricle measures ~60-110 mm; outside this range the voxel
@@ -54,16 +51,16 @@ def compose(orientation: Orientation, pose: np.ndarray) -> Orientation:
     return Orientation(out)
 
 
-def heart_size_mm(mask: np.ndarray, grid: GridMap, spacing: tuple[float, float, float]) -> float:
-    """Largest side (mm) of the bounding box of ``mask``.
+def heart_size_mm(voxels: np.ndarray, grid: GridMap, spacing: tuple[float, float, float]) -> float:
+    """Largest side (mm) of the bounding box of the heart's model-grid voxels.
 
-    ``mask`` is bool ``grid.shape`` on the model grid ``grid``; ``spacing`` the input's voxel
-    size per canonical axis. Returns 0 for an empty mask.
+    ``voxels`` is ``(N, 3)`` indices on the model grid ``grid`` (``np.argwhere`` of the
+    heart's mask); ``spacing`` the input's voxel size per canonical axis. Returns 0 when
+    ``voxels`` is empty.
     """
-    found = np.argwhere(np.asarray(mask, dtype=bool))
-    if len(found) == 0:
+    if len(voxels) == 0:
         return 0.0
-    sides = (np.ptp(found, axis=0) + 1.0) * np.array(grid.scale) * np.asarray(spacing, dtype=float)
+    sides = (np.ptp(voxels, axis=0) + 1.0) * np.array(grid.scale) * np.asarray(spacing, dtype=float)
     return float(sides.max())
 
 

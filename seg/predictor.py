@@ -244,19 +244,20 @@ class Predictor:
         probability = self.engine.probabilities(model_input[None])[0]
         note = ""
         if settings.crop_spacing_mm is not None:
-            heart = heart_component(probability >= self.threshold)
-            if heart.any():
-                centre = grid.to_input(np.argwhere(heart).mean(axis=0))
-                canonical_spacing = orientation.apply_spacing(spacing)
+            voxels = np.argwhere(heart_component(probability >= self.threshold))
+            if len(voxels):
+                centre = grid.to_input(voxels.mean(axis=0))
+                header_spacing = orientation.apply_spacing(spacing)
+                box_spacing = header_spacing
                 if self.check_spacing:
-                    size = heart_size_mm(heart, grid, canonical_spacing)
-                    canonical_spacing, rescaled = plausible_spacing(canonical_spacing, size)
+                    size = heart_size_mm(voxels, grid, header_spacing)
+                    box_spacing, rescaled = plausible_spacing(header_spacing, size)
                     if rescaled:
                         note = (
-                            f"header voxel size {_mm(orientation.apply_spacing(spacing))} mm makes the heart "
-                            f"{size:.0f} mm long; read as {_mm(canonical_spacing)} mm"
+                            f"header voxel size {_mm(header_spacing)} mm makes the heart "
+                            f"{size:.0f} mm long; read as {_mm(box_spacing)} mm"
                         )
-                grid = GridMap.box(centre, canonical_spacing, settings.target_shape, settings.crop_spacing_mm)
+                grid = GridMap.box(centre, box_spacing, settings.target_shape, settings.crop_spacing_mm)
                 probability = self.engine.probabilities(prepare_input(canonical, grid, settings)[None])[0]
         return _Attempt(probability, grid, orientation, confidence(probability), note, prepare_s)
 

@@ -47,8 +47,8 @@ def test_heart_size_is_the_largest_bounding_box_side_in_mm() -> None:
     grid = GridMap.full_fov((64, 64, 56), (32, 32, 28))  # one model voxel = 2 input voxels
     mask = np.zeros((32, 32, 28), dtype=bool)
     mask[10:15, 10:12, 5:6] = True
-    assert heart_size_mm(mask, grid, (3.0, 3.0, 3.0)) == pytest.approx(5 * 2 * 3.0)
-    assert heart_size_mm(np.zeros_like(mask), grid, (3.0, 3.0, 3.0)) == 0.0
+    assert heart_size_mm(np.argwhere(mask), grid, (3.0, 3.0, 3.0)) == pytest.approx(5 * 2 * 3.0)
+    assert heart_size_mm(np.argwhere(np.zeros_like(mask)), grid, (3.0, 3.0, 3.0)) == 0.0
 
 
 def test_confidence_is_the_mean_probability_of_called_voxels() -> None:
