@@ -51,6 +51,9 @@ class PhantomSettings:
         slices thicker or thinner (+-15%) than the pixel size.
     p_slices_reversed, p_ras_order
         Voxel order: LPI (negative slice spacing) or RAS; LPS otherwise.
+    pixel_mm
+        A fixed in-plane pixel size (mm) instead of the camera's draw, e.g. 2.46 (a CZT
+        camera's): the same field of view on a finer matrix, every other draw unchanged.
     wall_mm
         Left-ventricular wall thickness (mm), drawn uniformly per case.
     p_defect, p_second_defect, defect_severity
@@ -83,6 +86,7 @@ class PhantomSettings:
     p_anisotropic_slices: float = 0.15
     p_slices_reversed: float = 0.2
     p_ras_order: float = 0.2
+    pixel_mm: float | None = None
     wall_mm: tuple[float, float] = (8.0, 12.0)
     p_defect: float = 0.55
     p_second_defect: float = 0.3
@@ -249,7 +253,7 @@ def generate_case(seed: int, index: int, settings: PhantomSettings = PhantomSett
     noise_rng = np.random.default_rng([seed, index, 1])
     s = settings
     grid = sample_grid(
-        rng, s.p_matrix_128, s.p_slices_reversed, s.p_ras_order, s.axial_extent_mm, s.p_anisotropic_slices
+        rng, s.p_matrix_128, s.p_slices_reversed, s.p_ras_order, s.axial_extent_mm, s.p_anisotropic_slices, s.pixel_mm
     )
     canvas = Canvas(grid)
     scene = build_scene(rng, canvas, s)

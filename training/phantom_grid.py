@@ -67,9 +67,14 @@ def sample_grid(
     p_ras_order: float,
     axial_extent_mm: tuple[float, float],
     p_anisotropic: float,
+    pixel_mm: float | None = None,
 ) -> CameraGrid:
     """Draw a camera grid: 64x64 at 6.25-7.0 mm or 128x128 at 3.2-4.29 mm in-plane (a 40-55 cm field of
-    view), 56-128 slices covering ``axial_extent_mm``, mostly in LPS order."""
+    view), 56-128 slices covering ``axial_extent_mm``, mostly in LPS order.
+
+    ``pixel_mm`` replaces the drawn pixel size after every draw: the same field of view on a
+    finer or coarser matrix, slices scaled alike (the random stream is unchanged).
+    """
     if rng.random() < p_matrix_128:
         n, pixel = 128, rng.uniform(3.2, 550.0 / 128)
     else:
@@ -80,6 +85,10 @@ def sample_grid(
     roll = rng.random()
     order = "RAS" if roll < p_ras_order else "LPI" if roll < p_ras_order + p_slices_reversed else "LPS"
     centre = (rng.uniform(-40, 40), rng.uniform(-250, 50), rng.uniform(-400, 200))
+    if pixel_mm is not None:
+        zoom = pixel / pixel_mm
+        n, n_slices = round(n * zoom), round(n_slices * zoom)
+        pixel, slice_mm = pixel_mm, slice_mm / zoom
     return CameraGrid((n, n, n_slices), (pixel, pixel, slice_mm), order, centre)
 
 

@@ -258,3 +258,16 @@ def test_wall_range_changes_the_wall_and_nothing_else(family: str) -> None:
     assert thick.mask.sum() > default.mask.sum()  # a thicker wall, more myocardium
     overlap = np.count_nonzero(thick.mask & default.mask) / default.mask.sum()
     assert overlap > 0.9  # around the same ventricle
+
+
+def test_fixed_pixel_size_renders_the_same_case_on_a_finer_grid() -> None:
+    """``pixel_mm`` changes the matrix, not the case: same field of view, anatomy and myocardial volume."""
+    coarse = generate_case(4, 1, SMALL)
+    fine = generate_case(4, 1, replace(SMALL, pixel_mm=3.0))
+    zoom = coarse.params["spacing_mm"] / 3.0
+    assert fine.params["spacing_mm"] == 3.0 and fine.volume.shape[0] == round(coarse.volume.shape[0] * zoom)
+    fov_fine, fov_coarse = (np.asarray(c.volume.shape) * np.abs(np.diag(c.affine)[:3]) for c in (fine, coarse))
+    assert np.allclose(fov_fine, fov_coarse, atol=3.0)
+    for key in ("wall_mm", "lv_radius_mm", "lv_length_mm", "heart_x_mm", "fwhm_mm", "defects"):
+        assert fine.params[key] == coarse.params[key]
+    assert fine.params["myocardium_ml"] == pytest.approx(coarse.params["myocardium_ml"], rel=0.1)
