@@ -129,7 +129,8 @@ class Predictor:
     # Confidence a pose must gain over the header's to replace it. Measured on 31 held-out
     # phantoms (20 basic, 11 anatomical), each read in all 48 poses: with this margin a right
     # header was always kept (Dice unchanged), and a wrong one replaced by a pose that scored
-    # mean Dice 0.922 (0.17-0.21 read as the header said).
+    # mean Dice 0.922 (0.17-0.21 read as the header said). On all 120 held-out cases, 119 right
+    # headers were kept; one was read with two axes swapped at the same Dice (0.911 vs 0.909).
     POSE_MARGIN = 0.005
 
     def __init__(
