@@ -204,6 +204,8 @@ class Predictor:
             raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
         if min(volume.shape) < 1 or not np.all(np.isfinite(affine)):
             raise ValueError(f"unusable volume: shape {volume.shape}, affine finite={np.all(np.isfinite(affine))}")
+        if not np.isfinite(volume).all():
+            raise ValueError(f"{np.count_nonzero(~np.isfinite(volume))} voxel(s) are NaN or infinite")
         self.warm_up()
         t0 = time.perf_counter()
         header = self.preprocess.orientation_for(affine)

@@ -23,6 +23,7 @@ from config.logging_setup import configure_logging
 from seg.checkpoint import CheckpointError
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor
+from training.evaluate import CaseFailure
 
 log = logging.getLogger("spect-train")
 
@@ -165,13 +166,20 @@ def _cases_for(config: AppConfig, args: argparse.Namespace):
 
     selection = select_cases(config)
     cases = selection.report.cases
-    if config.test.only_masked:
+    # evaluate and calibrate need masks (test.only_masked, the seed's default); predict takes every case
+    # unless --only_masked is given
+    if args.only_masked if args.command == "predict" else config.test.only_masked:
         cases = [c for c in cases if c.mask is not None]
     if args.split:
         split_file = args.split_file or config.model.weights.parent / f"{config.model.weights.stem}_run" / "split.json"
         wanted = set(Split.load(split_file).subset(args.split))
         cases = [c for c in cases if c.base in wanted]
         log.info("%s split from %s: %d case(s)", args.split, split_file, len(cases))
+        if len(cases) < len(wanted):
+            message = f"{split_file}: {len(wanted) - len(cases)} of its {len(wanted)} {args.split} case(s)"
+            if not cases:
+                raise ValueError(f"{message} (all) are not under {selection.vols_dir}: the split of another dataset?")
+            log.warning("%s are not under %s", message, selection.vols_dir)
     if not cases:
         raise ValueError(f"{selection.vols_dir}: no case to process")
     return selection, cases
@@ -252,24 +260,35 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
         print(f"threshold {best:.2f} recorded in {config.model.weights}")
         return 0
     predictor = _predictor(config)
+    failures: list[CaseFailure] = []  # cases that could not be used; the others go on
     if args.command == "evaluate":
         from training.discovery import read_demographics
         from training.evaluate import evaluate_cases, format_summary
 
         out = args.out or config.paths.outputs_dir / "eval"
         extra = read_demographics(selection.data_root / "demographics.csv") if selection.data_root else {}
-        csv_path, summary = evaluate_cases(predictor, cases, out, config.test.n_visualize, extra, progress)
+        csv_path, summary = evaluate_cases(predictor, cases, out, config.test.n_visualize, extra, progress, failures)
         print(format_summary(summary))
         print(f"per-case metrics: {csv_path}")
-        return 0
+        return _failed(args.command, failures)
     from training.evaluate import predict_cases
 
     masks_out, viz_out = config.viz.masks_out, config.viz.viz_out
     if args.out is not None:
         masks_out, viz_out = args.out / "masks_test", args.out / "viz_test"
-    written = list(predict_cases(predictor, cases, masks_out, viz_out, config.viz.mask_suffix_out, progress))
+    written = list(predict_cases(predictor, cases, masks_out, viz_out, config.viz.mask_suffix_out, progress, failures))
     print(f"wrote {len(written)} mask(s) to {masks_out} and figure(s) to {viz_out}")
-    return 0
+    return _failed(args.command, failures)
+
+
+def _failed(command: str, failures: Sequence[CaseFailure]) -> int:
+    """Exit status 1 and the list on stderr when cases failed (the others were done), else 0."""
+    if not failures:
+        return 0
+    print(f"spect-train {command}: {len(failures)} case(s) could not be used:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure.error}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         values.update(_flag_values(args))
         config = load_config(args.config, args.overrides, values)
         return _run(args, config, progress=not args.quiet)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
         print(f"spect-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

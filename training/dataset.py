@@ -36,7 +36,34 @@ def load_volume(path: Path) -> nib.Nifti1Image:
         data = data[..., 0]
     if data.ndim != 3:
         raise CaseLoadError(f"{path}: expected a 3D volume, found shape {data.shape}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise CaseLoadError(f"{path}: {np.count_nonzero(~np.isfinite(data))} voxel(s) are NaN or infinite")
     return nib.Nifti1Image(np.asarray(data), image.affine)
+
+
+# How far (mm) a mask's affine may stray from its volume's: float32 header rounding, not a shift.
+AFFINE_TOLERANCE_MM = 0.01
+
+
+def load_mask(path: Path, volume: nib.Nifti1Image) -> np.ndarray:
+    """The mask at ``path`` as bool ``(I, J, K)`` on the grid of ``volume``, or raise :class:`CaseLoadError`.
+
+    Any non-zero label counts as myocardium (0/1, 0/255); a float mask of partial-volume
+    fractions is cut at 0.5. The mask must share the volume's shape and affine.
+    """
+    mask = load_volume(path)
+    if mask.shape != volume.shape:
+        raise CaseLoadError(f"{path}: mask shape {mask.shape} differs from volume shape {volume.shape}")
+    offset = float(np.abs(mask.affine - volume.affine).max())
+    if offset > AFFINE_TOLERANCE_MM:
+        raise CaseLoadError(
+            f"{path}: mask affine differs from its volume's (largest difference {offset:.3g}): "
+            "flipped, shifted or resampled?"
+        )
+    data = np.asarray(mask.dataobj)
+    if data.dtype.kind == "f" and np.any((data > 0) & (data < 1)):
+        return data >= 0.5
+    return data > 0
 
 
 @dataclass
@@ -92,12 +119,10 @@ def prepare_case(
     if case.mask is None:
         raise CaseLoadError(f"{case.volume}: no mask; cases without a mask are not used for training")
     volume = load_volume(case.volume)
-    mask = load_volume(case.mask)
-    if volume.shape != mask.shape:
-        raise CaseLoadError(f"{case.mask}: mask shape {mask.shape} differs from volume shape {volume.shape}")
+    mask = load_mask(case.mask, volume)
     orientation = settings.orientation_for(volume.affine)
     canonical = orientation.apply(np.asarray(volume.dataobj, dtype=np.float32))
-    labels = orientation.apply(np.asarray(mask.dataobj) > 0).astype(np.uint8)
+    labels = orientation.apply(mask).astype(np.uint8)
     full = GridMap.full_fov(canonical.shape, settings.target_shape)
     order = 1 if soft_labels else 0
     prepared = PreparedCase(case.base, prepare_input(canonical, full, settings), full.sample(labels, order=order))

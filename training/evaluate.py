@@ -16,7 +16,7 @@ from tqdm import tqdm
 from seg.metrics import compute_metrics, summarize
 from seg.predictor import Prediction, Predictor
 from seg.preprocess import voxel_spacing
-from training.dataset import load_volume
+from training.dataset import CaseLoadError, load_mask, load_volume
 from training.discovery import Case
 from training.figures import plot_prediction
 
@@ -35,16 +35,39 @@ class CaseOutcome:
     prediction: Prediction
 
 
-def run_cases(predictor: Predictor, cases: Sequence[Case], progress: bool = True, desc: str = "predict"):
-    """Predict each case in turn (a generator, so memory stays one case deep)."""
+@dataclass
+class CaseFailure:
+    """A case that could not be read or segmented; ``error`` names the file and the problem."""
+
+    case: Case
+    error: str
+
+
+def run_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    progress: bool = True,
+    desc: str = "predict",
+    failures: list[CaseFailure] | None = None,
+) -> Iterator[CaseOutcome]:
+    """Predict each case in turn (a generator, so memory stays one case deep).
+
+    With ``failures``, a case that cannot be used (unreadable file, mask unlike its volume,
+    NaN voxels, unusable geometry) is logged, appended there and skipped; without, the
+    error propagates.
+    """
     for case in tqdm(cases, desc=desc, unit="case", disable=not progress):
-        volume = load_volume(case.volume)
-        truth = None
-        if case.mask is not None:
-            truth = np.asarray(load_volume(case.mask).dataobj) > 0
-            if truth.shape != volume.shape:
-                raise ValueError(f"{case.mask}: mask shape {truth.shape} differs from volume {volume.shape}")
-        prediction = predictor.predict_array(np.asarray(volume.dataobj, dtype=np.float32), volume.affine)
+        try:
+            volume = load_volume(case.volume)
+            truth = None if case.mask is None else load_mask(case.mask, volume)
+            prediction = predictor.predict_array(np.asarray(volume.dataobj, dtype=np.float32), volume.affine)
+        except ValueError as exc:  # CaseLoadError included
+            if failures is None:
+                raise
+            error = str(exc) if isinstance(exc, CaseLoadError) else f"{case.volume}: {exc}"  # name the file
+            log.error("%s", error)
+            failures.append(CaseFailure(case, error))
+            continue
         if prediction.geometry:
             log.warning("%s: %s", case.volume, prediction.geometry)
         yield CaseOutcome(case, volume, truth, prediction)
@@ -66,6 +89,18 @@ def _metric_row(outcome: CaseOutcome) -> dict[str, object]:
     return row
 
 
+ROW_COLUMNS = (
+    "file_base",
+    *(f"{name}_{tag}" for tag in ("raw", "pp") for name in METRIC_COLUMNS),
+    "hd95_vox_pp",
+    "truth_ml",
+    "pred_ml",
+    "infer_s",
+    "geometry",
+    "error",
+)
+
+
 def evaluate_cases(
     predictor: Predictor,
     cases: Sequence[Case],
@@ -73,8 +108,12 @@ def evaluate_cases(
     n_visualize: int = 5,
     extra_columns: dict[str, dict[str, str]] | None = None,
     progress: bool = True,
+    failures: list[CaseFailure] | None = None,
 ) -> tuple[Path, dict[str, dict[str, float]]]:
     """Per-case metrics (raw and post-processed) to ``metrics.csv`` and a summary.
+
+    Each row is written as soon as its case is done, so an interrupted run keeps what it
+    measured.
 
     Parameters
     ----------
@@ -82,11 +121,14 @@ def evaluate_cases(
         Cases with a mask (cases without one are skipped with a warning).
     extra_columns
         ``base -> {column: value}`` appended to each row (e.g. the phantom parameters).
+    failures
+        Cases that cannot be used are appended here (and written last, as rows with only
+        an ``error``); without it the first such case stops the run.
 
     Returns
     -------
     tuple
-        The CSV path and ``{metric_column: summarize(...)}``.
+        The CSV path and ``{metric_column: summarize(...)}`` over the cases evaluated.
     """
     masked = [c for c in cases if c.mask is not None]
     if len(masked) < len(cases):
@@ -94,19 +136,24 @@ def evaluate_cases(
     if not masked:
         raise ValueError("no case with a mask to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, outcome in enumerate(run_cases(predictor, masked, progress, "evaluate")):
-        row = _metric_row(outcome)
-        row.update((extra_columns or {}).get(outcome.case.base, {}))
-        rows.append(row)
-        if index < n_visualize:
-            _figure(outcome, out_dir / "figures" / f"{outcome.case.base}.png", row)
+    extra_columns = extra_columns or {}
+    columns = list(dict.fromkeys([*ROW_COLUMNS, *(k for row in extra_columns.values() for k in row)]))
     csv_path = out_dir / "metrics.csv"
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    rows: list[dict[str, object]] = []
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        for outcome in run_cases(predictor, masked, progress, "evaluate", failures):
+            row = _metric_row(outcome)
+            row.update(extra_columns.get(outcome.case.base, {}))
+            writer.writerow(row)
+            handle.flush()
+            rows.append(row)
+            if len(rows) <= n_visualize:
+                _figure(outcome, out_dir / "figures" / f"{outcome.case.base}.png", row)
+        writer.writerows({"file_base": f.case.base, "error": f.error} for f in failures or [])
+    if not rows:
+        raise ValueError(f"no case could be evaluated (errors above and in {csv_path})")
     summary = {
         f"{name}_{tag}": summarize([float(r[f"{name}_{tag}"]) for r in rows])  # type: ignore[arg-type]
         for tag in ("raw", "pp")
@@ -184,14 +231,16 @@ def predict_cases(
     viz_out: Path,
     mask_suffix_out: str = "_pred_pp.nii.gz",
     progress: bool = True,
+    failures: list[CaseFailure] | None = None,
 ) -> Iterator[tuple[Path, Path]]:
     """Write ``<masks_out>/<base><mask_suffix_out>`` (on each input's grid) and ``<viz_out>/<base>.png``.
 
-    Yields the two paths per case.
+    Yields the two paths per case; with ``failures``, cases that cannot be used are
+    appended there and skipped (see :func:`run_cases`).
     """
     masks_out.mkdir(parents=True, exist_ok=True)
     viz_out.mkdir(parents=True, exist_ok=True)
-    for outcome in run_cases(predictor, cases, progress, "predict"):
+    for outcome in run_cases(predictor, cases, progress, "predict", failures):
         image = nib.Nifti1Image(outcome.prediction.mask.astype(np.uint8), outcome.volume.affine)
         image.set_qform(outcome.volume.affine, code=1)
         image.set_sform(outcome.volume.affine, code=1)

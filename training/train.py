@@ -256,15 +256,20 @@ def train(
     cases = selection.report.masked_cases
     if len(cases) < 2:
         raise ValueError(f"{selection.vols_dir}: found {len(cases)} case(s) with a mask; training needs at least 2")
-    if resume and paths.split.exists():
+    if resume:
+        for needed in (paths.last, paths.split):
+            if not needed.exists():
+                raise FileNotFoundError(f"{needed}: nothing to resume")
         split = Split.load(paths.split)
     else:
         split = make_split(cases, cfg.val_size, cfg.test_size, seed)
-        if distributed.is_main:
-            split.save(paths.split)
-            for stale in (paths.log_jsonl, paths.log_csv, paths.last):  # a new run starts its own logs
-                stale.unlink(missing_ok=True)
     by_base = {c.base: c for c in cases}
+    missing = [b for b in (*split.train, *split.val) if b not in by_base]
+    if missing:
+        raise ValueError(
+            f"{paths.split}: {len(missing)} training/validation case(s) of the run have no volume and mask under "
+            f"{selection.vols_dir} any more (e.g. {', '.join(missing[:3])})"
+        )
     settings = preprocess_settings(config)
     margin = 0 if settings.crop_spacing_mm is None else int(round(cfg.box_jitter_mm / settings.crop_spacing_mm))
     workers, soft = cfg.num_workers, cfg.soft_labels
@@ -272,6 +277,10 @@ def train(
         [by_base[b] for b in split.train], settings, show, "loading train", margin, workers, soft
     )
     val_cases = prepare_cases([by_base[b] for b in split.val], settings, show, "loading val", 0, workers, soft)
+    if not resume and distributed.is_main:  # the data loaded: only now replace a previous run's files
+        split.save(paths.split)
+        for stale in (paths.log_jsonl, paths.log_csv, paths.last):  # a new run starts its own logs
+            stale.unlink(missing_ok=True)
     log.info(
         "cases: %d train, %d val, %d test (split %s)",
         len(train_cases),
@@ -298,8 +307,6 @@ def train(
     history: list[dict[str, Any]] = []
     best, best_epoch, start_epoch = -1.0, 0, 0
     if resume:
-        if not paths.last.exists():
-            raise FileNotFoundError(f"{paths.last}: nothing to resume")
         state = load_raw(paths.last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

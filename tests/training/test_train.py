@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,33 @@ def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "--bogus" in capsys.readouterr().err
     assert spect_train(["train", "--data_root", str(tmp_path), "--set", "train.epochs=0"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def test_a_bad_case_stops_a_new_run_before_it_touches_the_previous_one(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    for mask in (root / "NIfTI").glob("*_mask.nii.gz"):  # every volume, whichever subset it falls in
+        volume = mask.with_name(mask.name.replace("_mask", ""))
+        image = nib.load(volume)
+        holed = np.asarray(image.dataobj, dtype=np.float32)
+        holed[0, 0, 0] = np.inf
+        nib.save(nib.Nifti1Image(holed, image.affine), str(volume))
+    out = tmp_path / "m.pth"
+    run = tmp_path / "m_run"
+    run.mkdir()
+    previous = {name: f"previous {name}" for name in ("split.json", "log.csv", "log.jsonl", "last.pth")}
+    for name, text in previous.items():
+        (run / name).write_text(text)
+    assert _train(root, out) == 2
+    assert re.search(r"phantom_\S+\.nii\.gz: 1 voxel\(s\) are NaN or infinite", capsys.readouterr().err)
+    assert {name: (run / name).read_text() for name in previous} == previous  # nothing of the earlier run lost
+
+    (run / "split.json").unlink()
+    assert _train(root, out, "--resume") == 2
+    assert "split.json: nothing to resume" in capsys.readouterr().err
+    assert (run / "last.pth").read_text() == previous["last.pth"]
+    (run / "split.json").write_text('{"train": ["ghost"], "val": [], "test": [], "seed": 42}')
+    assert _train(root, out, "--resume") == 2
+    assert "split.json: 1 training/validation case(s) of the run have no volume and mask" in capsys.readouterr().err
