@@ -3,15 +3,17 @@
 A volume is ``<base><vol_suffix><ext>``, its mask ``<base><mask_suffix><ext>``, in
 ``vols_dir`` / ``masks_dir`` (default ``<data_root>/NIfTI``), searched recursively or
 not. When a base exists with several extensions the first extension of the configured
-list wins (``.nii.gz`` before ``.nii``). Cases without a mask are reported, never
-trained on as empty masks.
+list wins (``.nii.gz`` before ``.nii``). Volumes of the same name in different folders
+(per-patient folders) are different cases, each paired with the mask in its own folder
+and named ``<folder>_<base>``. Cases without a mask are reported, never trained on as
+empty masks.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,12 +82,38 @@ def _list_files(folder: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in pattern if p.is_file())
 
 
-def _pick(base: str, found: dict[str, list[tuple[Path, str]]], extensions: Sequence[str], report: DiscoveryReport):
-    candidates = sorted(found[base], key=lambda pe: (extensions.index(pe[1]), str(pe[0])))
+Found = list[tuple[Path, str, str]]  # (path, extension, folder relative to the searched root)
+
+
+def _pick(base: str, found: Found, extensions: Sequence[str], report: DiscoveryReport) -> Path | None:
+    """The file of ``found`` with the preferred extension; the others are reported as duplicates."""
+    if not found:
+        return None
+    candidates = sorted(found, key=lambda entry: (extensions.index(entry[1]), str(entry[0])))
     kept = candidates[0][0]
-    for path, _ext in candidates[1:]:
+    for path, _ext, _folder in candidates[1:]:
         report.duplicates.append((base, kept, path))
     return kept
+
+
+def _per_folder(base: str, volumes: Found, masks: Found) -> list[tuple[str, Found, Found]]:
+    """``(case base, volumes, masks)``: one case, or one per folder when volumes named ``base`` lie in several.
+
+    Per-patient folders (``P1/scan.nii.gz``, ``P2/scan.nii.gz``) are different cases, each
+    paired with the mask of its own folder and named after it (``P1_scan``, ``P2_scan``).
+    """
+    volume_folders = {folder for _path, _ext, folder in volumes}
+    if len(volume_folders) <= 1:
+        return [(base, volumes, masks)]
+    folders = sorted(volume_folders | {folder for _path, _ext, folder in masks})
+    return [
+        (
+            f"{folder.replace('/', '_')}_{base}",
+            [v for v in volumes if v[2] == folder],
+            [m for m in masks if m[2] == folder],
+        )
+        for folder in folders
+    ]
 
 
 def discover(
@@ -114,41 +142,42 @@ def discover(
     """
     extensions = list(extensions)
     separate_masks = masks_dir is not None and Path(masks_dir).resolve() != Path(vols_dir).resolve()
-    volumes: dict[str, list[tuple[Path, str]]] = {}
-    masks: dict[str, list[tuple[Path, str]]] = {}
+    volumes: dict[str, Found] = {}
+    masks: dict[str, Found] = {}
 
-    def classify(paths: Iterable[Path], masks_only: bool) -> None:
-        for path in paths:
+    def classify(root: Path, masks_only: bool) -> None:
+        for path in _list_files(root, recursive):
             split = _split_extension(path.name, extensions)
             if split is None:
                 continue
             stem, ext = split
+            entry = (path, ext, path.parent.relative_to(root).as_posix())
             if mask_suffix and stem.endswith(mask_suffix):
-                masks.setdefault(stem[: -len(mask_suffix)], []).append((path, ext))
+                masks.setdefault(stem[: -len(mask_suffix)], []).append(entry)
             elif masks_only:
-                masks.setdefault(stem, []).append((path, ext))
+                masks.setdefault(stem, []).append(entry)
             elif not vol_suffix or stem.endswith(vol_suffix):
-                base = stem[: -len(vol_suffix)] if vol_suffix else stem
-                volumes.setdefault(base, []).append((path, ext))
+                volumes.setdefault(stem[: -len(vol_suffix)] if vol_suffix else stem, []).append(entry)
 
-    classify(_list_files(Path(vols_dir), recursive), masks_only=False)
+    classify(Path(vols_dir), masks_only=False)
     if separate_masks:
-        classify(_list_files(Path(masks_dir), recursive), masks_only=True)  # type: ignore[arg-type]
+        classify(Path(masks_dir), masks_only=True)  # type: ignore[arg-type]
 
     report = DiscoveryReport()
     ids = patient_ids or {}
-    for base in sorted(set(volumes) | set(masks)):
-        volume = _pick(base, volumes, extensions, report) if base in volumes else None
-        mask = _pick(base, masks, extensions, report) if base in masks else None
-        if volume is None:
-            report.masks_without_volume.append(base)
-            if allow_mask_as_volume and mask is not None:
-                log.warning("%s: using the mask as its own volume (allow_mask_as_volume, debug only)", base)
-                report.cases.append(Case(base, mask, mask, ids.get(base)))
-            continue
-        if mask is None:
-            report.volumes_without_mask.append(base)
-        report.cases.append(Case(base, volume, mask, ids.get(base)))
+    for name in sorted(set(volumes) | set(masks)):
+        for base, found_volumes, found_masks in _per_folder(name, volumes.get(name, []), masks.get(name, [])):
+            volume = _pick(base, found_volumes, extensions, report)
+            mask = _pick(base, found_masks, extensions, report)
+            if volume is None:
+                report.masks_without_volume.append(base)
+                if allow_mask_as_volume and mask is not None:
+                    log.warning("%s: using the mask as its own volume (allow_mask_as_volume, debug only)", base)
+                    report.cases.append(Case(base, mask, mask, ids.get(base)))
+                continue
+            if mask is None:
+                report.volumes_without_mask.append(base)
+            report.cases.append(Case(base, volume, mask, ids.get(base)))
     return report
 
 

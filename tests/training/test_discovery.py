@@ -48,6 +48,21 @@ def test_recursive_and_suffixes(tmp_path: Path) -> None:
     assert [c.base for c in deep.masked_cases] == ["x", "y"]
 
 
+def test_per_patient_folders_with_the_same_file_names_are_separate_cases(tmp_path: Path) -> None:
+    _touch(tmp_path, "P1/scan.nii.gz", "P1/scan_mask.nii.gz", "P2/scan.nii.gz", "P2/scan_mask.nii.gz", "P3/scan.nii")
+    _touch(tmp_path, "P2/scan.nii", "images/solo.nii.gz", "labels/solo_mask.nii.gz")
+    report = discover(tmp_path)
+    pairs = {c.base: (c.volume.relative_to(tmp_path).as_posix(), c.mask and c.mask.parent.name) for c in report.cases}
+    assert pairs == {
+        "P1_scan": ("P1/scan.nii.gz", "P1"),
+        "P2_scan": ("P2/scan.nii.gz", "P2"),  # each volume with the mask of its own folder
+        "P3_scan": ("P3/scan.nii", None),
+        "solo": ("images/solo.nii.gz", "labels"),  # a unique name pairs across folders, as before
+    }
+    assert report.volumes_without_mask == ["P3_scan"]
+    assert [(base, ignored.name) for base, _kept, ignored in report.duplicates] == [("P2_scan", "scan.nii")]
+
+
 def test_separate_mask_folder(tmp_path: Path) -> None:
     _touch(tmp_path / "vols", "a.nii.gz", "b.nii.gz")
     _touch(tmp_path / "labels", "a.nii.gz", "b_mask.nii.gz")  # either naming works in a masks folder
