@@ -312,6 +312,10 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):  # fp16 loss scale (CUDA); empty when the scaler was off
+            scaler.load_state_dict(state["scaler"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, best, best_epoch, start_epoch = (
             state["history"],
             state["best"],
@@ -399,6 +403,8 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     "history": history,
                     "best": best,
                     "best_epoch": best_epoch,
