@@ -48,8 +48,9 @@ AFFINE_TOLERANCE_MM = 0.01
 def load_mask(path: Path, volume: nib.Nifti1Image) -> np.ndarray:
     """The mask at ``path`` as bool ``(I, J, K)`` on the grid of ``volume``, or raise :class:`CaseLoadError`.
 
-    Any non-zero label counts as myocardium (0/1, 0/255); a float mask of partial-volume
-    fractions is cut at 0.5. The mask must share the volume's shape and affine.
+    Any non-zero label counts as myocardium (0/1, 0/255; several labels are merged, with a
+    warning); a float mask of partial-volume fractions is cut at 0.5. The mask must share
+    the volume's shape and affine.
     """
     mask = load_volume(path)
     if mask.shape != volume.shape:
@@ -63,6 +64,9 @@ def load_mask(path: Path, volume: nib.Nifti1Image) -> np.ndarray:
     data = np.asarray(mask.dataobj)
     if data.dtype.kind == "f" and np.any((data > 0) & (data < 1)):
         return data >= 0.5
+    labels = np.unique(data[data > 0])
+    if len(labels) > 1:
+        log.warning("%s: labels %s; every non-zero label counts as myocardium", path, labels[:5].tolist())
     return data > 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -77,12 +78,19 @@ def test_predict_takes_cases_without_a_mask_and_goes_past_bad_ones(
     assert sorted(p.name for p in (only / "masks_test").iterdir()) == ["good_pred_pp.nii.gz"]
 
 
-def test_masks_of_any_label_value_and_partial_volume_fractions(tmp_path: Path) -> None:
+def test_masks_of_any_label_value_and_partial_volume_fractions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     volume = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
     labels = np.zeros((4, 4, 4), np.uint8)
     labels[1, 1, 1] = 255
     _save(labels, volume.affine, tmp_path / "m255.nii.gz")
     assert load_mask(tmp_path / "m255.nii.gz", volume).sum() == 1
+    labels[2, 2, 2] = 2
+    _save(labels, volume.affine, tmp_path / "two.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        assert load_mask(tmp_path / "two.nii.gz", volume).sum() == 2
+    assert "labels [2, 255]; every non-zero label counts" in caplog.text
     fractions = np.zeros((4, 4, 4), np.float32)
     fractions[1, 1, 1:3] = (0.7, 0.3)
     _save(fractions, volume.affine, tmp_path / "soft.nii.gz")
