@@ -17,6 +17,7 @@ from pathlib import Path
 
 from config import AppConfig, ConfigError, load_config
 from config.logging_setup import configure_logging
+from storage.errors import StorageError
 
 log = logging.getLogger("spect-node")
 
@@ -251,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from node.demo import run_demo
 
         return run_demo(config, args.out, args.studies)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, StorageError, OSError, ValueError) as exc:  # OSError: a port in use, a folder not writable
         print(f"spect-node {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -333,7 +333,11 @@ class Receiver:
             short = series.expected_instances is not None and series.n_instances < series.expected_instances
             if short and series.last_received_at > now - patience:
                 continue  # it said how many instances it has: wait longer for the rest
-            job = self.storage.index.mark_series_complete(series.series_instance_uid, job_kind=SEGMENT_JOB)
+            job = self.storage.index.mark_series_complete(
+                series.series_instance_uid, job_kind=SEGMENT_JOB, idle_since=series.last_received_at
+            )
+            if job is None:
+                continue  # an instance arrived since the snapshot: the series is receiving again
             if short:
                 log.warning(
                     "series %s processed with %d of its %d announced instances after %.0f s without a new one; "

@@ -23,6 +23,15 @@ SUCCESS = 0x0000
 _MAX_CONTEXTS = 128
 
 
+def stored(status: int) -> bool:
+    """Whether a C-STORE status means the peer kept the object: success, or a warning.
+
+    PS3.4 B.2.3: the warnings 0xB000 (elements coerced), 0xB006 (elements discarded) and
+    0xB007 (data set does not match the SOP class) all mean the object was stored.
+    """
+    return status == SUCCESS or status & 0xF000 == 0xB000
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Association, DIMSE and network timeouts (s) and the maximum PDU size (0 = unlimited)."""
@@ -46,11 +55,12 @@ class SendOutcome:
 
     @property
     def all_succeeded(self) -> bool:
-        return self.error is None and bool(self.statuses) and all(s == SUCCESS for s in self.statuses.values())
+        """Every object sent and stored by the peer (success or a warning status)."""
+        return self.error is None and bool(self.statuses) and all(stored(s) for s in self.statuses.values())
 
     @property
     def n_failed(self) -> int:
-        return sum(1 for s in self.statuses.values() if s != SUCCESS)
+        return sum(1 for s in self.statuses.values() if not stored(s))
 
 
 def read_for_sending(paths: Iterable[Path]) -> list[Dataset]:
@@ -115,7 +125,8 @@ def send_datasets(
                 break
             outcome.statuses[uid] = int(status.Status)
             if int(status.Status) != SUCCESS:
-                log.warning("%s answered 0x%04X for %s", peer, int(status.Status), uid)
+                kept = "stored with a warning" if stored(int(status.Status)) else "not stored"
+                log.warning("%s answered 0x%04X for %s (%s)", peer, int(status.Status), uid, kept)
     except (OSError, RuntimeError, ValueError) as exc:
         outcome.error = f"sending to {peer} failed: {exc}"
     finally:

@@ -59,8 +59,12 @@ class ResultSender:
         """Deliver until :attr:`stop_event` is set; sleeps until woken or a retry may be due."""
         while not self.stop_event.is_set():
             self.wake.clear()
-            if not self.send_due():
-                self.wake.wait(poll_interval)
+            try:
+                if not self.send_due():
+                    self.wake.wait(poll_interval)
+            except Exception:  # the index unavailable, say: log it and go on; the sender never dies
+                log.exception("result sender loop error")
+                self.stop_event.wait(poll_interval)
 
     def send_due(self, now: float | None = None) -> int:
         """Attempt every delivery that is due now; returns how many were attempted."""
@@ -79,14 +83,18 @@ class ResultSender:
             index.mark_delivery(delivery.id, success=False, error=error, max_attempts=1)
             log.error("delivery %d failed: %s", delivery.id, error)
             return False
-        outcome = send_files(
-            [self.storage.layout.resolve(result.path)],
-            peer,
-            self.calling_ae_title,
-            self.timeouts,
-            tls_args=peer.tls_args,
-        )
-        error = None if outcome.all_succeeded else (outcome.error or f"peer answered {outcome.statuses}")
+        try:
+            outcome = send_files(
+                [self.storage.layout.resolve(result.path)],
+                peer,
+                self.calling_ae_title,
+                self.timeouts,
+                tls_args=peer.tls_args,
+            )
+            error = None if outcome.all_succeeded else (outcome.error or f"peer answered {outcome.statuses}")
+        except Exception as exc:  # an unreadable SEG file, say: a failed attempt, retried by the policy
+            log.exception("delivery %d: cannot send", delivery.id)
+            error = f"{type(exc).__name__}: {exc}"
         record = index.mark_delivery(
             delivery.id,
             success=error is None,

@@ -218,7 +218,11 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
             raise RecordNotFoundError(f"no series {series_uid}")
 
     def mark_series_complete(
-        self, series_uid: str, job_kind: str | None = None, now: float | None = None
+        self,
+        series_uid: str,
+        job_kind: str | None = None,
+        now: float | None = None,
+        idle_since: float | None = None,
     ) -> int | None:
         """Mark a series complete and, in the same transaction, queue a job for it.
 
@@ -234,11 +238,16 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
             Kind of job to queue (e.g. ``"segment"``); None queues nothing.
         now : float or None
             POSIX time of completion; defaults to the current time.
+        idle_since : float or None
+            Complete the series only if its last instance arrived at or before this time
+            (re-checked in the transaction: an idle sweep does not close a series an
+            instance has just reached).
 
         Returns
         -------
         int or None
-            Id of the queued (or already active) job; None if ``job_kind`` is None.
+            Id of the queued (or already active) job; None if ``job_kind`` is None or the
+            series received an instance after ``idle_since``.
 
         Raises
         ------
@@ -247,9 +256,14 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
         """
         now = time.time() if now is None else now
         with self._db.write() as conn:
-            exists = conn.execute("SELECT 1 FROM series WHERE series_instance_uid = ?", (series_uid,)).fetchone()
+            exists = conn.execute(
+                "SELECT state, last_received_at FROM series WHERE series_instance_uid = ?", (series_uid,)
+            ).fetchone()
             if exists is None:
                 raise RecordNotFoundError(f"no series {series_uid}")
+            if idle_since is not None and exists["state"] == "receiving" and exists["last_received_at"] > idle_since:
+                logger.info("series %s received an instance since it went idle: not complete yet", series_uid)
+                return None
             conn.execute(
                 "UPDATE series SET state = 'complete', completed_at = ?"
                 " WHERE series_instance_uid = ? AND state = 'receiving'",

@@ -51,7 +51,10 @@ def finish(
     timings: JobTimings | None,
     now: float,
 ) -> Job:
-    """Move a queued or running job to a terminal state. Must run inside a write transaction."""
+    """Move a queued or running job to a terminal state. Must run inside a write transaction.
+
+    A series completed again while its job ran (new instances) gets a new queued job.
+    """
     state = JobState(state)
     if state not in _TERMINAL_STATES:
         raise ValueError(f"a job can only be finished as done, failed or skipped, not {state}")
@@ -67,6 +70,15 @@ def finish(
         _raise_missing_or_wrong_state(conn, job_id, f"finish it as {state}")
     job = Job.from_row(rows[0])
     logger.info("job %d finished: %s%s", job_id, state, f" ({reason})" if reason else "")
+    series = conn.execute(
+        "SELECT state, completed_at FROM series WHERE series_instance_uid = ?", (job.series_instance_uid,)
+    ).fetchone()
+    if job.started_at is not None and series is not None and series["state"] == "complete":
+        if series["completed_at"] is not None and series["completed_at"] > job.started_at:
+            # new instances re-opened the series while the job ran and it completed again (enqueue found this
+            # job active then): what the job read is out of date, so the series gets a job of its own
+            follow_up = enqueue(conn, job.series_instance_uid, job.kind, now)
+            logger.info("series %s changed while job %d ran: job %d", job.series_instance_uid, job_id, follow_up)
     return job
 
 

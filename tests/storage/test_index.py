@@ -85,6 +85,18 @@ def test_mark_series_complete_queues_one_job(index: Index, make_record: RecordFa
     assert index.mark_series_complete("1.2.3.1") is None
 
 
+def test_an_idle_sweep_does_not_complete_a_series_an_instance_has_just_reached(
+    index: Index, make_record: RecordFactory
+) -> None:
+    index.add_instance(make_record("1.1", received_at=10.0))
+    (idle,) = index.series_idle_since(100.0)  # the sweep's snapshot ...
+    index.add_instance(make_record("1.2", received_at=101.0))  # ... then an instance lands
+    assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=102.0, idle_since=idle.last_received_at) is None
+    series = index.series("1.2.3.1")
+    assert series is not None and series.state is SeriesState.RECEIVING and index.jobs_for_series("1.2.3.1") == []
+    assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=200.0, idle_since=101.0) is not None
+
+
 def test_mark_unknown_series_complete_raises(index: Index) -> None:
     with pytest.raises(RecordNotFoundError):
         index.mark_series_complete("no.such", job_kind=SEGMENT_JOB)

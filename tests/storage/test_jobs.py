@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from storage import Index, JobState, JobStateError, JobTimings, RecordNotFoundError
+from storage import Index, InstanceRecord, JobState, JobStateError, JobTimings, RecordNotFoundError
+from storage.jobs import SEGMENT_JOB
 
 
 def test_enqueue_is_idempotent_while_a_job_is_active(index: Index) -> None:
@@ -110,3 +113,21 @@ def test_jobs_lists_newest_first(index: Index) -> None:
     assert [job.id for job in index.jobs(limit=3)] == ids[::-1][:3]
     assert [job.id for job in index.jobs(state=JobState.RUNNING)] == [ids[0]]
     assert [job.id for job in index.jobs(state="queued")] == ids[:0:-1]
+
+
+def test_instances_arriving_while_the_job_runs_get_the_series_a_new_job(
+    index: Index, make_record: Callable[..., InstanceRecord]
+) -> None:
+    index.add_instance(make_record("1.1", received_at=10.0))
+    first = index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=20.0)
+    job = index.claim_job("w1", now=30.0)
+    assert job is not None and job.id == first
+    index.add_instance(make_record("1.2", received_at=40.0))  # the job has already read the series
+    assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=50.0) == first  # still running: no new job
+    index.finish_job(first, JobState.DONE, now=60.0)
+    follow_up = index.claim_job("w1", now=70.0)
+    assert follow_up is not None and follow_up.id != first and follow_up.series_instance_uid == "1.2.3.1"
+
+    index.add_instance(make_record("1.1", received_at=80.0))  # a re-send of a known instance changes nothing
+    index.finish_job(follow_up.id, JobState.DONE, now=90.0)
+    assert index.claim_job("w1", now=100.0) is None
