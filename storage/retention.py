@@ -206,14 +206,25 @@ class _FileRemover:
                 return
             folder = folder.parent
 
-    def remove_study_files(self, paths: Iterable[str], series: Iterable[str]) -> None:
+    def remove_study_files(self, study_uid: str, paths: Iterable[str], series: Iterable[str]) -> None:
         layout = self.storage.layout
         folders: set[Path] = set()
-        for relpath in paths:
-            path = layout.resolve(relpath)
-            if self.unlink(path):
-                self.report.files_removed += 1
-            folders.add(path.parent)
+        # Inside a write transaction, so that no receiver indexes an instance between the check and
+        # the unlink: an instance re-sent since its row was deleted keeps its file (the receiver, for
+        # its part, rewrites a file that vanished before it indexed it).
+        with self.storage.index._db.write() as conn:
+            indexed = {
+                row["path"]
+                for row in conn.execute("SELECT path FROM instances WHERE study_instance_uid = ?", (study_uid,))
+            }
+            for relpath in paths:
+                if relpath in indexed:
+                    logger.info("%s was re-sent during the purge: kept", relpath)
+                    continue
+                path = layout.resolve(relpath)
+                if self.unlink(path):
+                    self.report.files_removed += 1
+                folders.add(path.parent)
         for series_uid in series:
             try:
                 nifti = layout.nifti_path(series_uid)
@@ -344,7 +355,7 @@ def purge(
             logger.info("study %s kept: %s", uid, outcome)
             continue
         if not dry_run:
-            remover.remove_study_files(*outcome)
+            remover.remove_study_files(uid, *outcome)
         report.removed.append(study)
         if on_study is not None:
             on_study(study, dry_run)

@@ -146,5 +146,9 @@ class Storage:
             is_result=is_result,
         )
         is_new = self.index.add_instance(record)
+        if not self.layout.resolve(stored.path).exists():
+            # a purge of an old study removed the file before this instance was indexed: write it again
+            logger.info("instance %s: file removed by a concurrent purge, written again", sop_uid)
+            self.layout.write_instance_bytes(study_uid, series_uid, sop_uid, data)
         logger.debug("stored %s (%s, %d bytes)", sop_uid, "new" if is_new else "re-sent", stored.size_bytes)
         return record, is_new

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -25,7 +25,7 @@ from node.cli import main as spect_node
 from node.nm_writer import dataset_to_bytes
 from node.service import Node
 from storage import SEGMENT_JOB, NewResult, Storage
-from storage.retention import SECONDS_PER_DAY, purge, purge_study
+from storage.retention import SECONDS_PER_DAY, PurgeReport, _FileRemover, purge, purge_study
 
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -239,6 +239,35 @@ def test_study_received_again_during_the_purge_is_kept(storage: Storage) -> None
     series = _series_of(storage, study)[0]
     _store(storage, _dataset(study, series, NM_STORAGE, "AGAIN", "NM", 3), NOW)  # arrives now
     assert purge_study(storage, study, cutoff=NOW - 30 * DAY) == "received again since the purge started"
+
+
+@pytest.mark.parametrize("purge_slips_in", ["before the receiver indexes", "after the receiver indexes"])
+def test_an_instance_re_sent_while_its_old_study_is_purged_keeps_its_file(
+    storage: Storage, purge_slips_in: str
+) -> None:
+    """The receiver writes (or finds identical) bytes, then indexes; the purge deletes rows, then files."""
+    study = add_study(storage, "RACE", age_days=40)
+    series = _series_of(storage, study)[0]
+    first = storage.index.instances_for_series(series)[0]
+    ds = dcmread(storage.layout.resolve(first.path))
+    remover = _FileRemover(storage, PurgeReport(cutoff=NOW - 30 * DAY, dry_run=False))
+
+    def purge_now() -> None:
+        outcome = purge_study(storage, study, cutoff=NOW - 30 * DAY)
+        assert not isinstance(outcome, str)
+        remover.remove_study_files(study, *outcome)
+
+    add_instance = storage.index.add_instance
+    if purge_slips_in == "before the receiver indexes":  # the file is unlinked before the row is back
+        storage.index.add_instance = lambda record: (purge_now(), add_instance(record))[1]  # type: ignore[method-assign]
+        _store(storage, ds, NOW)
+    else:  # the rows are deleted, the re-send is indexed, then the purge reaches the files
+        outcome = purge_study(storage, study, cutoff=NOW - 30 * DAY)
+        assert not isinstance(outcome, str)
+        _store(storage, ds, NOW)
+        remover.remove_study_files(study, *outcome)
+    record = storage.index.instance(str(ds.SOPInstanceUID))
+    assert record is not None and storage.layout.resolve(record.path).is_file()
 
 
 def test_purge_refuses_a_negative_period(storage: Storage) -> None:
