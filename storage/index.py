@@ -128,7 +128,8 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
 
         Re-sending an instance updates its row instead of adding one. A new
         instance in a series already marked complete re-opens the series
-        (state ``receiving``) so that it is assembled again.
+        (state ``receiving``) so that it is assembled again; so does a re-sent
+        one when the series' last job failed (a re-send retries it).
 
         Returns
         -------
@@ -154,13 +155,19 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
                     int(record.is_result),
                 ),
             )
-            if old is None:
+            last_job = conn.execute(
+                "SELECT state FROM jobs WHERE series_instance_uid = ? ORDER BY id DESC LIMIT 1", (series_uid,)
+            ).fetchone()
+            retry = old is not None and last_job is not None and last_job["state"] == "failed"
+            if old is None or retry:
                 reopened = conn.execute(
                     "UPDATE series SET state = 'receiving', completed_at = NULL"
                     " WHERE series_instance_uid = ? AND state = 'complete'",
                     (series_uid,),
                 ).rowcount
-                if reopened:
+                if reopened and retry:
+                    logger.info("series %s re-sent after its job failed: it will be processed again", series_uid)
+                elif reopened:
                     logger.info("series %s received a new instance after completion", series_uid)
             touched = {series_uid}
             if old is not None and old["series_instance_uid"] != series_uid:

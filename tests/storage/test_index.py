@@ -97,6 +97,22 @@ def test_an_idle_sweep_does_not_complete_a_series_an_instance_has_just_reached(
     assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=200.0, idle_since=101.0) is not None
 
 
+def test_a_re_send_retries_a_series_whose_job_failed_and_only_then(index: Index, make_record: RecordFactory) -> None:
+    index.add_instance(make_record("1.1", received_at=10.0))
+    job = index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=20.0)
+    assert job is not None
+    index.claim_job("w1", now=30.0)
+    index.finish_job(job, JobState.DONE, now=40.0)
+    index.add_instance(make_record("1.1", received_at=50.0))  # re-sent after a good job: nothing to do
+    assert index.series_idle_since(1000.0) == []
+    retried = index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=60.0)  # e.g. spect-node reprocess
+    assert retried is not None and retried != job
+    index.claim_job("w1", now=70.0)
+    index.finish_job(retried, JobState.FAILED, reason="corrupt slice", now=80.0)
+    index.add_instance(make_record("1.1", received_at=90.0))  # re-sent after a failure: processed again
+    assert [s.series_instance_uid for s in index.series_idle_since(1000.0)] == ["1.2.3.1"]
+
+
 def test_mark_unknown_series_complete_raises(index: Index) -> None:
     with pytest.raises(RecordNotFoundError):
         index.mark_series_complete("no.such", job_kind=SEGMENT_JOB)
