@@ -33,7 +33,10 @@ _UPSERT_INSTANCE = (
     f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
     f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
     " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _INSTANCE_COLUMNS[1:])
+    + ", ".join(  # the node's own SEG sent back by a PACS stays the node's result
+        f"{name} = MAX(is_result, excluded.is_result)" if name == "is_result" else f"{name} = excluded.{name}"
+        for name in _INSTANCE_COLUMNS[1:]
+    )
 )
 _UPSERT_SERIES = (
     "INSERT INTO series (series_instance_uid, study_instance_uid, modality, first_received_at,"

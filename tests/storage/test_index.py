@@ -113,6 +113,13 @@ def test_a_re_send_retries_a_series_whose_job_failed_and_only_then(index: Index,
     assert [s.series_instance_uid for s in index.series_idle_since(1000.0)] == ["1.2.3.1"]
 
 
+def test_the_nodes_own_seg_sent_back_stays_a_result(index: Index, make_record: RecordFactory) -> None:
+    index.add_instance(make_record("9.1", series_uid="9.9", is_result=True, calling_ae_title=None))
+    assert index.add_instance(make_record("9.1", series_uid="9.9", is_result=False)) is False  # the PACS echoes it
+    record = index.instance("9.1")
+    assert record is not None and record.is_result
+
+
 def test_mark_unknown_series_complete_raises(index: Index) -> None:
     with pytest.raises(RecordNotFoundError):
         index.mark_series_complete("no.such", job_kind=SEGMENT_JOB)
