@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tracemalloc
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -248,6 +249,22 @@ def test_one_slice_per_file_round_trip_any_file_order(kind, nm_phantom, dicom_re
     np.testing.assert_allclose(volume.image.affine, image.affine, atol=1e-4)
     assert [ref.sop_instance_uid for ref in volume.references] == [ds.SOPInstanceUID for ds in files]
     assert volume.frame_order == (1,) * len(files)
+
+
+def test_positions_and_cosines_rounded_by_the_vendor_are_one_stack(nm_phantom, dicom_reencode):
+    oblique, _ = nm_phantom("oblique")
+    affine = oblique.affine.copy()
+    affine[:3, 2] *= 2.0273 / np.linalg.norm(affine[:3, 2])  # a slice step that does not round evenly
+    image = nib.Nifti1Image(np.asarray(oblique.dataobj), affine)
+    files = [dicom_reencode(ds) for ds in nifti_to_nm_series(image, **IDENTITY)]
+    for ds in files:  # positions written with two decimals, cosines with six
+        detector = ds.DetectorInformationSequence[0]
+        detector.ImagePositionPatient = [round(float(v), 2) for v in detector.ImagePositionPatient]
+        detector.ImageOrientationPatient = [round(float(v), 6) for v in detector.ImageOrientationPatient]
+
+    volume = read_nm_series(files)
+
+    np.testing.assert_allclose(volume.image.affine, image.affine, atol=0.02)
 
 
 def _tilt_one(files):
