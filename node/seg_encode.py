@@ -96,6 +96,43 @@ def nm_source_metadata(ds: Dataset) -> Dataset:
     return copy
 
 
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the
+# source and cannot do without: an empty value is valid DICOM, an absent one stops the SEG.
+_TYPE2_COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def complete_source(ds: Dataset) -> Dataset:
+    """A shallow copy of a source instance with what a SEG must copy from it present.
+
+    Missing Type 2 patient/study attributes become empty, a PatientSex other than M, F or O
+    becomes empty, and a source without a Frame of Reference (optional in the NM Image IOD)
+    gets one derived from its study and series UIDs (the same for every instance of the
+    series, and for every re-run). Elements are shared, not copied.
+    """
+    copy = Dataset(dict(ds.items()))
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    for keyword in _TYPE2_COPIED:
+        if keyword not in copy:
+            setattr(copy, keyword, None)
+    sex = str(copy.get("PatientSex") or "").strip().upper()
+    copy.PatientSex = sex if sex in ("M", "F", "O") else None
+    if not copy.get("FrameOfReferenceUID"):
+        study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        copy.FrameOfReferenceUID = generate_uid(entropy_srcs=[study, series, "frame of reference"])
+    return copy
+
+
 def _segment_description(algorithm_name: str, algorithm_version: str) -> hd.seg.SegmentDescription:
     """Segment 1: left-ventricle myocardium, found automatically by the named AI model."""
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -150,13 +187,17 @@ def _multiframe_inputs(source: Dataset, planes: np.ndarray, references: Sequence
 def _slice_file_inputs(sources_by_slice: Sequence[Dataset], planes: np.ndarray) -> _HighdicomInputs:
     """One-slice NM files: first file as source, the others further sources, explicit positions."""
     copies = [nm_source_metadata(ds) for ds in sources_by_slice]
-    positions = [
-        hd.PlanePositionSequence(
-            hd.CoordinateSystemNames.PATIENT,
-            [float(v) for v in copy.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient],
-        )
+    points = [
+        [float(v) for v in copy.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient]
         for copy in copies
     ]
+    if len(points) > 1:  # files declaring neither SpacingBetweenSlices nor SliceThickness: the step of the stack
+        step = float(np.median(np.linalg.norm(np.diff(np.asarray(points), axis=0), axis=1)))
+        for copy in copies:
+            measures = copy.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            if "SliceThickness" not in measures:
+                measures.SliceThickness = format_number_as_ds(step)
+    positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, point) for point in points]
     return _HighdicomInputs(copies[:1], planes, copies[1:], positions)
 
 
@@ -236,6 +277,12 @@ def build_seg(
     """
     if not source_datasets:
         raise ValueError("no source datasets given")
+    if not source_datasets[0].get("FrameOfReferenceUID"):
+        logger.warning(
+            "series %s has no Frame of Reference UID: the SEG gets one derived from it",
+            source_datasets[0].get("SeriesInstanceUID"),
+        )
+    source_datasets = [complete_source(ds) for ds in source_datasets]
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
     missing = {ref.sop_instance_uid for ref in converted_series_refs} - by_uid.keys()
     if missing:

@@ -31,6 +31,11 @@ from storage import Job, JobState, JobTimings, NewResult, Storage
 
 log = logging.getLogger(__name__)
 
+
+class NoMyocardiumError(Exception):
+    """The network found no myocardium in a series it could read: the job fails, without a SEG."""
+
+
 STAGES = ("convert", "infer", "encode", "send")
 RESEARCH_CONTENT = "LV myocardium by spect-node; RESEARCH USE ONLY - NOT FOR CLINICAL DIAGNOSIS"
 
@@ -180,7 +185,7 @@ class SegmentationWorker:
             log.info("job %d series=%s skipped: %s", job.id, series, exc)
             index.finish_job(job.id, JobState.SKIPPED, reason=str(exc))
             return JobState.SKIPPED
-        except InvalidSeriesError as exc:  # bad input: the reason says it all, no traceback
+        except (InvalidSeriesError, NoMyocardiumError) as exc:  # the reason says it all, no traceback
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("job %d series=%s failed: %s", job.id, series, reason)
             index.finish_job(job.id, JobState.FAILED, reason=reason)
@@ -219,7 +224,7 @@ class SegmentationWorker:
             log.warning("series %s: %s", series, prediction.geometry)
         t2 = time.perf_counter()
         if not prediction.mask.any():
-            raise ValueError("no myocardium found in the volume; no SEG is made")
+            raise NoMyocardiumError("no myocardium found in the volume; no SEG is made")
         self._pause("encode")
         sop_uid, series_uid = seg_uids(job)
         version = str(predictor.checkpoint.provenance.get("code_version", "seed"))

@@ -176,3 +176,43 @@ def test_research_marking_always_present_and_fits_lo(text):
     assert RESEARCH_MARKING.lower() in marked.lower()
     assert len(marked) <= 64
     assert marked.isascii()
+
+
+def _strip_identity(sources: list[Dataset]) -> None:
+    """What old or anonymised NM reconstructions lack: the frame of reference, Type 2 identity, a valid sex."""
+    for ds in sources:
+        for keyword in ("FrameOfReferenceUID", "StudyID", "AccessionNumber", "PatientBirthDate", "StudyTime"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.PatientSex = "U"
+
+
+def _strip_slice_measures(sources: list[Dataset]) -> None:
+    for ds in sources:
+        for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+            if keyword in ds:
+                delattr(ds, keyword)
+
+
+@pytest.mark.parametrize(
+    ("converted", "damage"),
+    [
+        pytest.param(NM_AXIAL[0].values[0], _strip_identity, id="nm-no-frame-of-reference-no-type-2"),
+        pytest.param(SLICE_FILES_AXIAL[0].values[0], _strip_identity, id="slice-files-no-frame-of-reference"),
+        pytest.param(SLICE_FILES_AXIAL[0].values[0], _strip_slice_measures, id="slice-files-no-spacing-no-thickness"),
+    ],
+    indirect=["converted"],
+)
+def test_sources_missing_optional_attributes_still_give_a_valid_seg(converted, damage, dciodvfy):
+    sources, series, mask = converted
+    damage(sources)
+    build = {"converted_series_refs": series.references, "sop_instance_uid": generate_uid(), **SEG_OPTIONS}
+    data = dataset_to_bytes(build_seg(sources, mask, **build))
+    errors, warnings = dciodvfy(data)
+    assert errors == [] and all("needed to build DICOMDIR" in w for w in warnings)  # the empty Study ID/Time
+    np.testing.assert_array_equal(read_seg_mask(data, series.references), mask)
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    again = pydicom.dcmread(pydicom.filebase.DicomBytesIO(dataset_to_bytes(build_seg(sources, mask, **build))))
+    assert ds.FrameOfReferenceUID == again.FrameOfReferenceUID  # derived, the same on every run
+    if damage is _strip_identity:
+        assert ds.PatientID == sources[0].PatientID and not ds.PatientSex and not ds.StudyID
