@@ -188,7 +188,7 @@ class NodeSection(Section):
 
 class PeerSection(Section):
     ae_title: str = Field(min_length=1, max_length=16)
-    host: str
+    host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     send_results: bool = True
     services: list[Literal["store", "query", "retrieve"]] = Field(
@@ -196,6 +196,14 @@ class PeerSection(Section):
     )
     check_host: bool = False
     tls: bool = False
+
+    @field_validator("ae_title", "host")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        """AE titles are compared without their padding spaces (PS3.5 AE): stored so, never blank."""
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
 
 
 class StorageSection(Section):
@@ -219,3 +227,12 @@ class AppConfig(Section):
     node: NodeSection = Field(default_factory=NodeSection)
     peers: list[PeerSection] = Field(default_factory=list)
     storage: StorageSection = Field(default_factory=StorageSection)
+
+    @field_validator("peers")
+    @classmethod
+    def _one_entry_per_ae_title(cls, peers: list[PeerSection]) -> list[PeerSection]:
+        titles = [peer.ae_title for peer in peers]
+        twice = sorted({title for title in titles if titles.count(title) > 1})
+        if twice:
+            raise ValueError(f"AE title(s) {', '.join(twice)} listed more than once (the later entry would win)")
+        return peers

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from seg.model import UNet3D, UNetSpec
+from seg.postprocess import PostprocessSettings
 from seg.preprocess import PreprocessSettings
 
 log = logging.getLogger(__name__)
@@ -163,17 +164,23 @@ def load_checkpoint(path: str | Path, seed_target_shape: tuple[int, int, int] = 
     if raw.get("format") == FORMAT:
         if int(raw.get("format_version", 0)) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format {raw['format_version']} is newer than this code")
-        spec = UNetSpec(**raw["model"]["spec"])
-        ckpt = Checkpoint(
-            spec=spec,
-            state_dict=raw["state_dict"],
-            preprocess=PreprocessSettings.from_dict(raw["preprocess"]),
-            postprocess=dict(raw.get("postprocess", {})),
-            threshold=float(raw.get("threshold", 0.5)),
-            labels=dict(raw.get("labels", {"1": MYOCARDIUM_LABEL})),
-            metrics=dict(raw.get("metrics", {})),
-            provenance=dict(raw.get("provenance", {})),
-        )
+        try:  # settings this code does not know (a newer or edited file) are named, not a TypeError
+            spec = UNetSpec(**raw["model"]["spec"])
+            ckpt = Checkpoint(
+                spec=spec,
+                state_dict=raw["state_dict"],
+                preprocess=PreprocessSettings.from_dict(raw["preprocess"]),
+                postprocess=dict(raw.get("postprocess", {})),
+                threshold=float(raw.get("threshold", 0.5)),
+                labels=dict(raw.get("labels", {"1": MYOCARDIUM_LABEL})),
+                metrics=dict(raw.get("metrics", {})),
+                provenance=dict(raw.get("provenance", {})),
+            )
+            PostprocessSettings(**ckpt.postprocess)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unusable checkpoint settings: {type(exc).__name__}: {exc}") from exc
+        if not 0.0 < ckpt.threshold < 1.0:
+            raise CheckpointError(f"{path}: threshold {ckpt.threshold} is not a probability in (0, 1)")
     elif (
         raw
         and all(isinstance(v, torch.Tensor) for v in raw.values())

@@ -312,9 +312,13 @@ class QueryMixin:
             If the index cannot be read.
         """
         unique = UNIQUE_KEYS[query.level]
-        if _is_universal(str(query.keys.get(unique, ""))):
+        if not [v for v in _split(str(query.keys.get(unique, ""))) if v]:  # "", " " and "\\" alike
             raise QueryError(f"a retrieve at {query.level} level needs a value for {unique}")
         levels = [lvl for lvl in query.model.levels if lvl.depth <= query.level.depth]
+        for keyword in (UNIQUE_KEYS[lvl] for lvl in levels):  # PS3.4 C.4.2.2.1: single values or lists only
+            value = str(query.keys.get(keyword, ""))
+            if "*" in value or "?" in value:
+                raise QueryError(f"{keyword}: wildcards are not allowed in a retrieve ({value!r})")
         where = _where(query, keywords=[UNIQUE_KEYS[lvl] for lvl in levels])
         with self._db.read() as conn:
             rows = conn.execute(

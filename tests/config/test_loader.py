@@ -73,3 +73,17 @@ def test_cross_field_rules() -> None:
         load_config(overrides=["train.val_size=0.6", "train.test_size=0.5"])
     with pytest.raises(ConfigError, match="percentile_low"):
         load_config(overrides=["preprocess.percentile_low=99", "preprocess.percentile_high=90"])
+
+
+def test_peers_are_stored_without_padding_and_listed_once(tmp_path: Path) -> None:
+    path = tmp_path / "peers.yaml"
+    path.write_text("peers:\n  - {ae_title: 'PACS ', host: ' 127.0.0.1', port: 4242}\n")
+    (peer,) = load_config(path).peers
+    assert (peer.ae_title, peer.host) == ("PACS", "127.0.0.1")  # as callers and C-MOVE destinations are looked up
+    twice = "  - {ae_title: PACS, host: 127.0.0.1, port: 4242}\n  - {ae_title: PACS, host: h, port: 1}\n"
+    path.write_text("peers:\n" + twice)
+    with pytest.raises(ConfigError, match="PACS listed more than once"):
+        load_config(path)
+    path.write_text("peers:\n  - {ae_title: '  ', host: 127.0.0.1, port: 4242}\n")
+    with pytest.raises(ConfigError, match="ae_title"):
+        load_config(path)

@@ -65,3 +65,22 @@ def test_unusable_files_are_refused(tmp_path: Path) -> None:
     torch.save({"encoder1.0.weight": torch.zeros(3)}, wrong)
     with pytest.raises(CheckpointError):
         load_checkpoint(wrong)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw["model"]["spec"].update(depth=3), "unusable checkpoint settings: TypeError"),
+        (lambda raw: raw["preprocess"].update(window=1), "unusable checkpoint settings: TypeError"),
+        (lambda raw: raw["postprocess"].update(bogus=1), "unusable checkpoint settings: TypeError"),
+        (lambda raw: raw.update(threshold=5.0), "threshold 5.0 is not a probability"),
+    ],
+)
+def test_checkpoint_settings_this_code_cannot_use_are_named(tmp_path: Path, edit, message: str) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "models" / "unet3d_weights.pth"
+    raw = torch.load(shipped, weights_only=True)
+    edit(raw)
+    edited = tmp_path / "edited.pth"
+    torch.save(raw, edited)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(edited)

@@ -224,10 +224,18 @@ def test_retrieve_uses_unique_keys(filled: Index) -> None:
     assert filled.retrieve(Query(STUDY_ROOT, QueryLevel.SERIES, wrong_study)) == []
 
 
-@pytest.mark.parametrize("keys", [{}, {"StudyInstanceUID": ""}, {"StudyInstanceUID": "*"}, {"PatientID": "P1"}])
+@pytest.mark.parametrize(
+    "keys", [{}, {"StudyInstanceUID": ""}, {"StudyInstanceUID": "*"}, {"StudyInstanceUID": "\\"}, {"PatientID": "P1"}]
+)
 def test_retrieve_without_the_unique_key_is_refused(filled: Index, keys: dict[str, str]) -> None:
-    with pytest.raises(QueryError, match="StudyInstanceUID"):
+    with pytest.raises(QueryError, match="StudyInstanceUID"):  # an empty list ("\\") would have matched everything
         filled.retrieve(Query(STUDY_ROOT, QueryLevel.STUDY, keys))
+
+
+@pytest.mark.parametrize("value", ["**", "P?", "P1\\*"])
+def test_a_retrieve_takes_no_wildcards(filled: Index, value: str) -> None:
+    with pytest.raises(QueryError, match="PatientID: wildcards are not allowed"):
+        filled.retrieve(Query(PATIENT_ROOT, QueryLevel.PATIENT, {"PatientID": value}))
 
 
 def test_modality_index_is_used(filled: Index) -> None:
