@@ -125,6 +125,8 @@ def load_config(
         set_dotted(data, dotted, value)
     for dotted_key, value in (values or {}).items():
         set_dotted(data, dotted_key.split("."), value)
+    if overrides or values:
+        origin += " with command-line settings"
     try:
         return AppConfig.model_validate(data)
     except ValidationError as exc:
