@@ -158,7 +158,8 @@ def normalize_intensity(
         ``(I, J, K)`` real array.
     method
         ``minmax`` (the seed's: a hot liver maps to 1 and crushes the heart), ``percentile``
-        (the ``percentile_low``..``percentile_high`` range maps to [0, 1], clipped), or ``none``.
+        (the ``percentile_low``..``percentile_high`` range maps to [0, 1], clipped; the
+        maximum stands in for an upper percentile equal to the lower one), or ``none``.
 
     Returns
     -------
@@ -172,6 +173,8 @@ def normalize_intensity(
         low, high = float(volume.min()), float(volume.max())
     elif method == "percentile":
         low, high = (float(v) for v in np.percentile(volume, [percentile_low, percentile_high]))
+        if high <= low:  # a sparse image (activity in < 0.1% of the voxels, zeros elsewhere): scale to its max
+            high = float(volume.max())
     else:
         raise ValueError(f"unknown normalization {method!r}")
     if not np.isfinite(low) or not np.isfinite(high) or high <= low:

@@ -81,6 +81,11 @@ def test_normalisation_methods() -> None:
     assert minmax.max() == 1.0 and minmax[6, 6, 6] == pytest.approx(0.1)
     assert robust.min() >= 0 and robust.max() <= 1
     assert np.all(normalize_intensity(np.full((4, 4, 4), 7.0), "minmax") == 0)
+    assert np.all(normalize_intensity(np.full((4, 4, 4), 7.0), "percentile") == 0)
+    sparse = np.zeros((40, 40, 40), np.float32)
+    sparse[10:13, 10:13, 10:13] = 50.0  # activity in 0.04% of the voxels: the 99.9th percentile is 0
+    scaled = normalize_intensity(sparse, "percentile")
+    assert scaled.max() == 1.0 and scaled[11, 11, 11] == 1.0 and scaled[0, 0, 0] == 0.0
     with pytest.raises(ValueError):
         normalize_intensity(volume, "zscore")  # type: ignore[arg-type]
 
