@@ -51,6 +51,14 @@ def with_research_marking(text: str) -> str:
     return f"{text[:room].rstrip()} - {RESEARCH_MARKING}"
 
 
+def _shallow_copy(ds: Dataset, without: int | None = None) -> Dataset:
+    """A new dataset sharing ``ds``'s elements (all but the tag ``without``) and its file meta."""
+    copy = Dataset({tag: element for tag, element in ds.items() if tag != without})
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    return copy
+
+
 def nm_source_metadata(ds: Dataset) -> Dataset:
     """Metadata-only copy of an NM instance with its geometry as functional groups.
 
@@ -68,9 +76,7 @@ def nm_source_metadata(ds: Dataset) -> Dataset:
         (one PlanePosition per frame, file order).
     """
     geometry = nm_frame_geometry(ds)
-    copy = Dataset({tag: element for tag, element in ds.items() if tag != _PIXEL_DATA_TAG})
-    if hasattr(ds, "file_meta"):
-        copy.file_meta = ds.file_meta
+    copy = _shallow_copy(ds, without=_PIXEL_DATA_TAG)
     orientation = Dataset()
     orientation.ImageOrientationPatient = list(ds.DetectorInformationSequence[0].ImageOrientationPatient)
     measures = Dataset()
@@ -119,9 +125,7 @@ def complete_source(ds: Dataset) -> Dataset:
     gets one derived from its study and series UIDs (the same for every instance of the
     series, and for every re-run). Elements are shared, not copied.
     """
-    copy = Dataset(dict(ds.items()))
-    if hasattr(ds, "file_meta"):
-        copy.file_meta = ds.file_meta
+    copy = _shallow_copy(ds)
     for keyword in _TYPE2_COPIED:
         if keyword not in copy:
             setattr(copy, keyword, None)
