@@ -168,7 +168,8 @@ def _cases_for(config: AppConfig, args: argparse.Namespace):
     cases = selection.report.cases
     # evaluate and calibrate need masks (test.only_masked, the seed's default); predict takes every case
     # unless --only_masked is given
-    if args.only_masked if args.command == "predict" else config.test.only_masked:
+    only_masked = bool(args.only_masked) if args.command == "predict" else config.test.only_masked
+    if only_masked:
         cases = [c for c in cases if c.mask is not None]
     if args.split:
         split_file = args.split_file or config.model.weights.parent / f"{config.model.weights.stem}_run" / "split.json"
