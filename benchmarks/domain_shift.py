@@ -9,7 +9,7 @@ Held-out phantoms (seed 2) presented as other cameras and reconstructions presen
 * ``FBP-like values``: counts x 1000 minus 5% of the maximum (arbitrary units with
   negative values, as filtered back-projection gives).
 
-    python benchmarks/domain_shift.py [--cases 10] [--seed 2] [--weights models/unet3d_weights.pth]
+    python benchmarks/domain_shift.py [--cases 10] [--seed 2] [--weights models/unet3d_weights.pth] [--precision fp32]
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10, help="held-out cases 0..N-1 per family")
     parser.add_argument("--seed", type=int, default=2, help="the held-out population's seed")
     parser.add_argument("--weights", type=Path, default=Path("models/unet3d_weights.pth"))
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     args = parser.parse_args()
 
-    predictor = Predictor.from_file(args.weights, device="cpu")
+    predictor = Predictor.from_file(args.weights, device="cpu", precision=args.precision)
     rng = np.random.default_rng(args.seed)
     fine_settings = dataclasses.replace(PhantomSettings(), pixel_mm=2.46)
     scores: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)

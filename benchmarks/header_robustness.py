@@ -16,12 +16,13 @@ each read three ways: the header trusted, the voxel size checked (``test.check_s
 and the voxel size checked plus the orientation search (``test.orientation_search``, the
 offline default).
 
-    python benchmarks/header_robustness.py [--weights models/unet3d_weights.pth] [--cases 10] [--seed 2]
+    python benchmarks/header_robustness.py [--weights FILE] [--cases 10] [--seed 2] [--precision fp32]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,14 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10, help="cases per family")
     parser.add_argument("--seed", type=int, default=2, help="phantom population (2: the card's held-out sets)")
     parser.add_argument("--families", nargs="+", default=["basic", "anatomical"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     args = parser.parse_args()
 
+    load = functools.partial(Predictor.from_file, args.weights, device="cpu", precision=args.precision)
     readers = {
-        READERS[0]: Predictor.from_file(args.weights, device="cpu", check_spacing=False),
-        READERS[1]: Predictor.from_file(args.weights, device="cpu"),
-        READERS[2]: Predictor.from_file(args.weights, device="cpu", orientation_search=True),
+        READERS[0]: load(check_spacing=False),
+        READERS[1]: load(),
+        READERS[2]: load(orientation_search=True),
     }
     rng = np.random.default_rng(args.seed)
     for family in args.families:

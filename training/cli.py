@@ -250,7 +250,10 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
 
         checkpoint = load_checkpoint(config.model.weights)
         predictor = Predictor(
-            checkpoint, PostprocessSettings(**config.postprocess.model_dump()), device=config.model.device
+            checkpoint,
+            PostprocessSettings(**config.postprocess.model_dump()),
+            device=config.model.device,
+            precision=config.model.precision,
         )
         best, table = calibrate_threshold(predictor, cases, progress=progress)
         for t, d in table.items():

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from tqdm import tqdm
 
 from config import AppConfig
-from seg.checkpoint import Checkpoint, load_checkpoint, load_raw, provenance_record, save_checkpoint
+from seg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_raw, provenance_record, save_checkpoint
 from seg.inference import autocast_context, resolve_device
 from seg.metrics import dice
 from seg.model import UNet3D, UNetSpec
@@ -308,20 +308,26 @@ def train(
     best, best_epoch, start_epoch = -1.0, 0, 0
     if resume:
         state = load_raw(paths.last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("scaler"):  # fp16 loss scale (CUDA); empty when the scaler was off
-            scaler.load_state_dict(state["scaler"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history, best, best_epoch, start_epoch = (
-            state["history"],
-            state["best"],
-            state["best_epoch"],
-            state["epoch"],
-        )
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("scaler"):  # fp16 loss scale (CUDA); empty when the scaler was off
+                scaler.load_state_dict(state["scaler"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            history, best, best_epoch, start_epoch = (
+                state["history"],
+                state["best"],
+                state["best_epoch"],
+                state["epoch"],
+            )
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{paths.last}: cannot resume from it ({type(exc).__name__}: {str(exc)[:300]}); it must be the "
+                "run's own last.pth, with the model settings the run started with"
+            ) from exc
         log.info("resuming at epoch %d (best val Dice %.4f at epoch %d)", start_epoch + 1, best, best_epoch)
 
     net: torch.nn.Module = model

@@ -74,6 +74,8 @@ def test_unusable_files_are_refused(tmp_path: Path) -> None:
         (lambda raw: raw["preprocess"].update(window=1), "unusable checkpoint settings: TypeError"),
         (lambda raw: raw["postprocess"].update(bogus=1), "unusable checkpoint settings: TypeError"),
         (lambda raw: raw.update(threshold=5.0), "threshold 5.0 is not a probability"),
+        (lambda raw: raw.update(format_version=raw["format_version"] + 1), "is newer than this code"),
+        (lambda raw: raw["model"]["spec"].update(init_features=8), "weights do not fit the recorded architecture"),
     ],
 )
 def test_checkpoint_settings_this_code_cannot_use_are_named(tmp_path: Path, edit, message: str) -> None:

@@ -24,7 +24,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two good phantoms (``good``, ``nomask`` without its mask) and three bad cases."""
+    """Two good phantoms (``good``, ``nomask`` without its mask) and five bad cases."""
     root = tmp_path_factory.mktemp("broken")
     write_dataset(root, 2, seed=9, settings=PhantomSettings(p_matrix_128=0.0), progress=False)
     nifti = root / "NIfTI"
@@ -45,6 +45,11 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
     holed[0, 0, 0] = np.nan
     _save(holed, image.affine, nifti / "nan.nii.gz")
     _save(mask, image.affine, nifti / "nan_mask.nii.gz")
+    whole = (nifti / "good.nii.gz").read_bytes()
+    (nifti / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    _save(mask, image.affine, nifti / "cut_mask.nii.gz")
+    _save(np.stack([volume] * 3, axis=-1), image.affine, nifti / "dynamic.nii.gz")  # frames, not a volume
+    _save(mask, image.affine, nifti / "dynamic_mask.nii.gz")
     return root
 
 
@@ -57,12 +62,14 @@ def test_evaluate_keeps_the_good_cases_and_names_each_bad_one(
     assert status == 1  # done, but not everything
     with (tmp_path / "metrics.csv").open() as handle:
         rows = {row["file_base"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"good", "shape", "flipped", "nan"}  # nomask has no truth to evaluate
+    assert set(rows) == {"good", "shape", "flipped", "nan", "cut", "dynamic"}  # nomask has no truth to evaluate
     assert float(rows["good"]["dice_pp"]) > 0.8 and rows["good"]["error"] == ""
     assert "shape_mask.nii.gz: mask shape" in rows["shape"]["error"] and rows["shape"]["dice_pp"] == ""
     assert "flipped_mask.nii.gz: mask affine differs" in rows["flipped"]["error"]
     assert "nan.nii.gz: 1 voxel(s) are NaN" in rows["nan"]["error"]
-    assert "3 case(s) could not be used" in err and "shape_mask.nii.gz" in err
+    assert "cut.nii.gz: cannot read NIfTI" in rows["cut"]["error"]
+    assert "dynamic.nii.gz: expected a 3D volume, found shape" in rows["dynamic"]["error"]
+    assert "5 case(s) could not be used" in err and "shape_mask.nii.gz" in err
 
 
 @pytest.mark.slow
@@ -72,7 +79,8 @@ def test_predict_takes_cases_without_a_mask_and_goes_past_bad_ones(
     assert spect_train(["predict", "--data_root", str(broken), "--out", str(tmp_path), *FAST]) == 1
     written = sorted(p.name for p in (tmp_path / "masks_test").iterdir())
     assert written == ["good_pred_pp.nii.gz", "nomask_pred_pp.nii.gz"]
-    assert "nan.nii.gz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nan.nii.gz" in err and "cut.nii.gz: cannot read NIfTI" in err
     only = tmp_path / "only"
     assert spect_train(["predict", "--data_root", str(broken), "--out", str(only), "--only_masked", *FAST]) == 1
     assert sorted(p.name for p in (only / "masks_test").iterdir()) == ["good_pred_pp.nii.gz"]

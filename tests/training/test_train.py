@@ -66,12 +66,19 @@ def test_two_epochs_lower_the_loss_and_write_a_loadable_checkpoint(dataset: Path
 
 
 @pytest.mark.slow
-def test_resume_continues_where_the_run_stopped(dataset: Path, tmp_path: Path) -> None:
+def test_resume_continues_where_the_run_stopped(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     full = tmp_path / "full.pth"
     assert _train(dataset, full, "--epochs", "3") == 0
     part = tmp_path / "part.pth"
     assert _train(dataset, part, "--epochs", "3", "--max_minutes", "0.0001") == 0  # stops after epoch 1
     assert [h["epoch"] for h in _history(part)] == [1]
+    capsys.readouterr()
+    # other model settings than the run's: named, and the run's files stay resumable
+    assert _train(dataset, part, "--epochs", "3", "--resume", "--set", "model.init_features=8") == 2
+    err = capsys.readouterr().err
+    assert "last.pth: cannot resume from it" in err and "Traceback" not in err
     assert _train(dataset, part, "--epochs", "3", "--resume") == 0
     resumed = _history(part)
     assert [h["epoch"] for h in resumed] == [1, 2, 3]
