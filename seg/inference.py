@@ -1,8 +1,9 @@
 """Running the network fast: device choice and the CPU/GPU execution path.
 
 On CPUs with native bfloat16 (AVX-512 BF16/AMX), bf16 autocast with channels-last-3d
-memory runs ~2.6x faster than eager float32 at ~1e-3 logit difference; on CPUs
-without it bf16 can be slower. ``precision="auto"`` therefore times both paths on the
+memory runs faster than float32 (1.7x for the shipped f=16 network on 2 cores,
+``benchmarks/inference_speed.py``), with logits off by up to ~0.2 and slightly different
+masks; on CPUs without it bf16 can be slower. ``precision="auto"`` therefore times both paths on the
 warm-up input and keeps the faster one.
 """
 
@@ -59,7 +60,7 @@ class InferenceEngine:
         self.device = device
         self.requested_precision = precision
         self.precision: str = "fp32" if precision == "auto" else precision
-        # channels-last-3d: oneDNN's fast 3D convolutions on CPU (1.3x fp32, 2.6x with bf16), tensor cores on GPU
+        # channels-last-3d: oneDNN's fast 3D convolutions on CPU, tensor cores on GPU
         self.model = model.to(device).eval().to(memory_format=torch.channels_last_3d)
         self.channels_last = True
 
