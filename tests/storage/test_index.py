@@ -16,6 +16,7 @@ from storage import (
     RecordNotFoundError,
     SeriesState,
     StorageError,
+    StorageFullError,
 )
 
 RecordFactory = Callable[..., InstanceRecord]
@@ -161,6 +162,24 @@ def test_failed_write_rolls_back_everything(index: Index, make_record: RecordFac
     with pytest.raises(StorageError):
         index.add_instance(make_record("1.1", size_bytes=-1))  # violates a CHECK constraint
     assert index.instance("1.1") is None and index.series("1.2.3.1") is None
+
+
+def test_a_full_index_file_is_told_apart_from_other_errors_and_loses_nothing(
+    index: Index, make_record: RecordFactory
+) -> None:
+    conn = index._db.connection()  # this thread's connection, the one the writes below use
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLite's own SQLITE_FULL, as on a full disk
+    added = []
+    with pytest.raises(StorageFullError, match="index database full"):
+        for n in range(10_000):
+            index.add_instance(make_record(f"1.{n}", patient_name="X" * 500))
+            added.append(f"1.{n}")
+    assert added and all(index.instance(uid) is not None for uid in added)  # the full write rolled back alone
+    assert index.series("1.2.3.1").n_instances == len(added)
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    index.add_instance(make_record("1.last"))  # room again: writes go on
+    assert index.instance("1.last") is not None
 
 
 def test_other_threads_share_the_index(index: Index, make_record: RecordFactory) -> None:
