@@ -9,8 +9,10 @@ then every ``storage.purge_every_hours``).
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
@@ -27,7 +29,7 @@ from node.tls import client_context, server_context
 from node.worker import SegmentationWorker, WorkerSettings
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor
-from storage import Storage
+from storage import Storage, StorageError, StorageLayout
 from storage.retention import SECONDS_PER_DAY, StudySummary, purge
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,27 @@ def node_timeouts(config: AppConfig) -> Timeouts:
     """The configured association/DIMSE/network timeouts and PDU size."""
     node = config.node
     return Timeouts(node.acse_timeout, node.dimse_timeout, node.network_timeout, node.maximum_pdu_size)
+
+
+def open_storage(root: Path, min_free_bytes: int) -> Storage:
+    """Open the node's storage at start-up, re-queueing work a crash left running.
+
+    Raises
+    ------
+    StorageError
+        Naming what is at fault: ``<root>: cannot use the storage folder: ...`` when its
+        folders cannot be created, ``<root>/index.sqlite3: cannot open the index: ...``
+        when the SQLite index cannot be opened (not a database, unreadable, newer schema).
+    """
+    layout = StorageLayout(root)
+    try:
+        layout.create()
+    except StorageError as exc:
+        raise StorageError(f"{root}: cannot use the storage folder: {exc}") from exc
+    try:
+        return Storage.open(root, min_free_bytes=min_free_bytes, recover=True)
+    except StorageError as exc:
+        raise StorageError(f"{layout.index_path}: cannot open the index: {exc}") from exc
 
 
 class PredictorHolder:
@@ -108,7 +131,24 @@ class Node:
         # certificates first: a TLS file that cannot be used stops the start, naming the file
         listening_tls = server_context(node_cfg.tls)
         outgoing_tls = client_context(node_cfg.tls) if any(p.tls for p in config.peers) else None
-        storage = Storage.open(config.storage.root, min_free_bytes=node_cfg.min_free_bytes, recover=True)
+        storage = open_storage(config.storage.root, node_cfg.min_free_bytes)
+        try:
+            return cls._start_serving(config, storage, listening_tls, outgoing_tls, load_model)
+        except BaseException:
+            storage.close()
+            raise
+
+    @classmethod
+    def _start_serving(
+        cls,
+        config: AppConfig,
+        storage: Storage,
+        listening_tls: ssl.SSLContext | None,
+        outgoing_tls: ssl.SSLContext | None,
+        load_model: bool,
+    ) -> Node:
+        """Everything after the storage is open (the caller closes it if this raises)."""
+        node_cfg = config.node
         predictor = PredictorHolder(config)
         if load_model:
             predictor.load()
@@ -155,12 +195,19 @@ class Node:
         ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
         t = node_timeouts(config)
         configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
-        server = ae.start_server(
-            (node_cfg.host, node_cfg.port),
-            block=False,
-            evt_handlers=server_handlers(receiver, storage, peers, policy, audit, tls_handshake_timeout=t.acse),
-            ssl_context=listening_tls,
-        )
+        try:
+            server = ae.start_server(
+                (node_cfg.host, node_cfg.port),
+                block=False,
+                evt_handlers=server_handlers(receiver, storage, peers, policy, audit, tls_handshake_timeout=t.acse),
+                ssl_context=listening_tls,
+            )
+        except OSError as exc:  # the port is taken, or the host is not an address of this machine
+            audit.close()
+            raise OSError(
+                f"{node_cfg.host}:{node_cfg.port}: cannot listen for DICOM associations (node.host, node.port): "
+                f"{exc.strerror or exc}"
+            ) from exc
         node = cls(config, storage, server, worker, sender, receiver, audit)
         node._start_threads()
         log.info(

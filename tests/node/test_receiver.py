@@ -1,20 +1,28 @@
-"""Series assembly in the receiver: complete on the announced count, on idle time, or after a longer wait."""
+"""Series assembly in the receiver: complete on the announced count, on idle time, or after a longer wait.
+
+Also what a sender sees (DCMTK ``storescu``) when the node cannot write an instance for a
+reason other than a full disk.
+"""
 
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from load_scenario import half_resolution
-from pydicom import Dataset
+from peers import require_tool
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian
-from studies import spect_like_volume
+from studies import node_config, spect_like_volume
 
+from node.audit import read_audit
 from node.nm_writer import dataset_to_bytes, nifti_to_nm_series, nifti_to_pet_like_series
 from node.receiver import Receiver
+from node.service import Node
 from storage import Storage
 
 IDLE, INCOMPLETE = 5.0, 120.0
@@ -78,3 +86,49 @@ def test_series_without_a_count_completes_after_the_idle_time(receiver: Receiver
         series[0].SeriesInstanceUID
     ]
     assert _jobs(receiver) == [series[0].SeriesInstanceUID]
+
+
+def _storescu(port: int, path: Path) -> subprocess.CompletedProcess[str]:
+    """``storescu -v``: its log names the status of each C-STORE response."""
+    timeouts = ["-to", "30", "-ta", "30", "-td", "30"]  # guards against a hang
+    command = [require_tool("storescu"), "-v", "-aet", "STORESCU", "-aec", "SPECTNODE", *timeouts]
+    return subprocess.run([*command, "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.peers
+def test_a_failed_write_is_answered_out_of_resources_and_the_node_takes_the_retry(
+    tmp_path: Path, stop_later: list
+) -> None:
+    # one slice of a series announcing 28, and long waits: no job starts, so no model is needed
+    waits = ["node.series_idle_timeout=3600", "node.series_incomplete_timeout=3600"]
+    node = Node.start(node_config(tmp_path / "node", *waits), load_model=False)
+    stop_later.append(node)
+    accepted, refused = _counted_series()[0], _counted_series()[0]  # two studies
+    paths = {}
+    for name, ds in (("accepted", accepted), ("refused", refused)):
+        paths[name] = tmp_path / f"{name}.dcm"
+        paths[name].write_bytes(dataset_to_bytes(ds))
+    first = _storescu(node.port, paths["accepted"])
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    # a regular file where the study's folder goes: mkdir fails (EEXIST), as it would for a
+    # folder the node may not write to (chmod does not stop root, under which tests may run)
+    obstacle = node.storage.layout.dicom_dir / str(refused.StudyInstanceUID)
+    obstacle.write_bytes(b"")
+    result = _storescu(node.port, paths["refused"])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Received Store Response (Refused: OutOfResources)" in output, output  # 0xA700
+    assert node.storage.index.instance(str(refused.SOPInstanceUID)) is None
+    (event,) = [e for e in read_audit(tmp_path / "node" / "audit.jsonl") if e["event"] == "instance-refused"]
+    assert event["status"] == "0xA700" and event["sop_instance_uid"] == str(refused.SOPInstanceUID)
+    assert event["reason"].startswith("cannot store") and str(refused.StudyInstanceUID) in event["reason"]
+
+    obstacle.unlink()  # the cause is removed: the sender's retry goes through on the same node
+    retry = _storescu(node.port, paths["refused"])
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    for ds in (accepted, refused):  # nothing accepted before the failure was lost
+        record = node.storage.index.instance(str(ds.SOPInstanceUID))
+        assert record is not None
+        assert dcmread(node.storage.layout.resolve(record.path)).SOPInstanceUID == ds.SOPInstanceUID
+    assert node.storage.index.jobs() == []
