@@ -165,24 +165,18 @@ def _reprocess(config: AppConfig, series_uid: str) -> int:
 
 def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig, tls: bool = False) -> int:
     from node.network import PeerAddress
-    from node.scu import send_files
+    from node.scu import collect_for_sending, send_datasets
     from node.service import node_timeouts
     from node.tls import client_context
 
     peer = PeerAddress.parse(to)
     tls_args = (client_context(config.node.tls), peer.host) if tls else None
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    outcome = send_files(files, peer, aet, node_timeouts(config), progress=True, tls_args=tls_args)
-    ok = len(outcome.statuses) - outcome.n_failed
-    print(f"sent {ok}/{len(files)} instance(s) to {peer}" + (f"; error: {outcome.error}" if outcome.error else ""))
-    return 0 if outcome.all_succeeded and ok == len(files) else 1
+    found = collect_for_sending(paths)  # non-DICOM files in folders skipped with a warning each
+    outcome = send_datasets(found.datasets, peer, aet, node_timeouts(config), progress=True, tls_args=tls_args)
+    ok, total = len(outcome.statuses) - outcome.n_failed, len(found.datasets)
+    skipped = f"; skipped {len(found.skipped)} non-DICOM file(s)" if found.skipped else ""
+    print(f"sent {ok}/{total} instance(s) to {peer}{skipped}" + (f"; error: {outcome.error}" if outcome.error else ""))
+    return 0 if outcome.all_succeeded and ok == total else 1
 
 
 def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, include_failed: bool) -> int:

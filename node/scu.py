@@ -11,7 +11,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from tqdm import tqdm
 
 from node.network import NODELAY_HANDLERS, PeerAddress, configure_timeouts
@@ -62,16 +63,88 @@ class SendOutcome:
     def n_failed(self) -> int:
         return sum(1 for s in self.statuses.values() if not stored(s))
 
+    def failure(self) -> str | None:
+        """Why not everything was stored, statuses in hex (``"... answered 0xA700 ..."``); None if it was."""
+        if self.all_succeeded:
+            return None
+        if self.error is not None:
+            return self.error
+        refused = [f"0x{status:04X} for {uid}" for uid, status in self.statuses.items() if not stored(status)]
+        return f"peer answered {', '.join(refused)} (not stored)" if refused else "nothing was sent"
+
+
+class NotSendableError(ValueError):
+    """A file cannot be sent: not DICOM (Part 10), or not a composite instance (a DICOMDIR, say)."""
+
+
+def read_sendable(path: Path) -> Dataset:
+    """Read one file to send, raising :class:`NotSendableError` naming it if it is not a DICOM instance.
+
+    Raises ``OSError`` (naming the file) when it cannot be read at all.
+    """
+    try:
+        ds = dcmread(path)
+    except InvalidDicomError as exc:  # pydicom's text says "use force=True": not for a user
+        raise NotSendableError(f"{path}: not a DICOM file (no Part 10 header)") from exc
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        raise NotSendableError(f"{path}: not a DICOM instance (no SOP Class/Instance UID; a DICOMDIR?)")
+    return ds
+
 
 def read_for_sending(paths: Iterable[Path]) -> list[Dataset]:
-    """Read DICOM files, raising ``ValueError`` naming the first unreadable file."""
+    """Read DICOM files, raising ``ValueError`` naming the first unreadable or non-DICOM file."""
     datasets = []
     for path in paths:
         try:
-            datasets.append(dcmread(path))
-        except (InvalidDicomError, OSError) as exc:
+            datasets.append(read_sendable(path))
+        except OSError as exc:
             raise ValueError(f"{path}: not a readable DICOM file: {exc}") from exc
     return datasets
+
+
+@dataclass
+class FilesToSend:
+    """What ``spect-node send`` found: the instances to send and the non-DICOM files skipped in folders."""
+
+    datasets: list[Dataset]
+    skipped: list[Path]
+
+
+def collect_for_sending(paths: Sequence[Path]) -> FilesToSend:
+    """Read the files named and those in the folders named (recursively, in name order).
+
+    Export folders hold other files too (a README, a viewer, a DICOMDIR): a file in a
+    folder that is not a DICOM instance is skipped with a warning naming it. A file
+    named explicitly must be one.
+
+    Raises
+    ------
+    FileNotFoundError
+        A path that is neither a file nor a folder.
+    ValueError
+        A file named explicitly that is not a DICOM instance, a file that cannot be
+        read, or no DICOM instance at all among ``paths``.
+    """
+    datasets: list[Dataset] = []
+    skipped: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
+                try:
+                    datasets.extend(read_for_sending([candidate]))
+                except NotSendableError as exc:
+                    log.warning("skipped %s", exc)
+                    skipped.append(candidate)
+        elif path.is_file():
+            datasets.extend(read_for_sending([path]))
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    if not datasets:
+        named = ", ".join(str(p) for p in paths)
+        raise ValueError(
+            f"no DICOM instance to send in {named}" + (f" ({len(skipped)} non-DICOM file(s))" if skipped else "")
+        )
+    return FilesToSend(datasets, skipped)
 
 
 def _contexts(datasets: Sequence[Dataset]) -> list:
@@ -86,6 +159,22 @@ def _contexts(datasets: Sequence[Dataset]) -> list:
     if len(contexts) > _MAX_CONTEXTS:
         raise ValueError(f"too many SOP classes for one association ({len(contexts)} > {_MAX_CONTEXTS})")
     return contexts
+
+
+class _Rejection:
+    """``EVT_PDU_RECV`` handler keeping why a peer rejected the association (result, source, reason).
+
+    Read from the A-ASSOCIATE-RJ PDU itself: when the peer rejects and closes at once,
+    pynetdicom may report the association aborted rather than rejected.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def on_pdu_received(self, event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            primitive = event.pdu.to_primitive()
+            self.reason = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
 
 
 def send_datasets(
@@ -111,9 +200,16 @@ def send_datasets(
         AE(ae_title=calling_ae_title), timeouts.acse, timeouts.dimse, timeouts.network, timeouts.maximum_pdu_size
     )
     ae.requested_contexts = _contexts(datasets)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS, tls_args=tls_args)
+    rejection = _Rejection()
+    handlers = [*NODELAY_HANDLERS, (evt.EVT_PDU_RECV, rejection.on_pdu_received)]
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers, tls_args=tls_args)
     if not assoc.is_established:
-        outcome.error = f"association with {peer} failed (rejected, aborted or unreachable)"
+        if rejection.reason is not None or assoc.is_rejected:
+            outcome.error = f"association rejected by {peer} ({rejection.reason or 'no reason received'})"
+        elif assoc.is_aborted:
+            outcome.error = f"association with {peer} aborted (no presentation context accepted, or the peer aborted)"
+        else:
+            outcome.error = f"association with {peer} failed (unreachable or no answer)"
         return outcome
     keep_responses_for_the_caller(assoc)  # pynetdicom's response race: no lost C-STORE response, no double SEG
     try:

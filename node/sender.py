@@ -91,7 +91,7 @@ class ResultSender:
                 self.timeouts,
                 tls_args=peer.tls_args,
             )
-            error = None if outcome.all_succeeded else (outcome.error or f"peer answered {outcome.statuses}")
+            error = outcome.failure()
         except Exception as exc:  # an unreadable SEG file, say: a failed attempt, retried by the policy
             log.exception("delivery %d: cannot send", delivery.id)
             error = f"{type(exc).__name__}: {exc}"

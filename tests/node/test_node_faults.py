@@ -21,7 +21,8 @@ from studies import spect_like_volume
 
 from node.nm_writer import dataset_to_bytes, nifti_to_nm, nifti_to_nm_series
 from node.standin_pacs import StandInPacs
-from storage import JobState
+from storage import Index, JobState
+from storage.records import DeliveryState
 
 # A C-STORE SCU in its own process: prints each acknowledged SOP Instance UID; with
 # --die-after-pdus N it exits abruptly after sending N P-DATA PDUs (mid-message).
@@ -67,6 +68,25 @@ def _files(tmp: Path, datasets: list[Dataset]) -> list[Path]:
     return paths
 
 
+def _assert_one_seg_delivered(index: Index, source: Dataset, delivery_attempts: int) -> None:
+    """Once its delivery is recorded: the series has one job, done, one result and one delivery, done.
+
+    A duplicate job (a second SEG on its way) shows as a second job, result or delivery.
+    """
+    wait_until(
+        lambda: bool(index.deliveries()) and all(d.state == DeliveryState.DONE for d in index.deliveries()),
+        60,
+        "the delivery to be recorded",
+    )
+    (job,) = index.jobs_for_series(str(source.SeriesInstanceUID))
+    assert job.state == JobState.DONE
+    result = index.result_for_job(job.id)
+    assert result is not None
+    assert [r.id for r in index.results(str(source.StudyInstanceUID))] == [result.id]
+    (delivery,) = index.deliveries()
+    assert (delivery.result_id, delivery.attempts) == (result.id, delivery_attempts)
+
+
 class HeldPacs(StandInPacs):
     """A stand-in PACS that keeps each C-STORE (stores it) but answers only once ``release`` is set."""
 
@@ -108,7 +128,8 @@ def test_kill9_during_receive_keeps_every_acknowledged_instance(tmp_path: Path, 
         again = _scu(restarted.port, files)
         assert again.wait(timeout=120) == 0, again.stderr.read() if again.stderr else ""
         wait_until(lambda: len(pacs.received) == 1, 120, "the SEG of the re-sent series")
-        time.sleep(1.0)
+        with restarted.index() as index:
+            _assert_one_seg_delivered(index, slices[0], delivery_attempts=1)
         assert len(pacs.received) == 1
     finally:
         restarted.kill(signal.SIGTERM)
@@ -147,13 +168,8 @@ def test_kill9_during_sending_then_restart_gives_one_seg_object(tmp_path: Path) 
         try:
             wait_until(lambda: len(pacs.attempts) >= 2, 120, "the delivery to be retried after restart")
             with restarted.index() as index:
-                wait_until(
-                    lambda: all(d.state == "done" for d in index.deliveries()),
-                    60,
-                    "the delivery to be recorded",
-                )
-                (job,) = index.jobs_for_series(str(ds.SeriesInstanceUID))
-                assert job.state == JobState.DONE
+                # sent before the kill, sent again after it: one SEG, recorded delivered once
+                _assert_one_seg_delivered(index, ds, delivery_attempts=1)
             assert len(set(pacs.attempts)) == 1 and len(pacs.received) == 1  # one SOP Instance UID, one object
         finally:
             restarted.kill(signal.SIGTERM)

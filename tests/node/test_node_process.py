@@ -6,7 +6,6 @@ import io
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from studies import spect_like_volume
 from node.nm_writer import dataset_to_bytes, nifti_to_nm
 from node.standin_pacs import StandInPacs
 from storage import JobState
+from storage.records import DeliveryState
 
 
 def _write_study(tmp: Path, name: str) -> tuple[Path, str]:
@@ -75,16 +75,23 @@ def test_kill9_mid_job_then_restart_completes(tmp_path: Path, pacs: StandInPacs,
             return bool(jobs) and jobs[-1].state == JobState.RUNNING
 
     wait_until(job_running, 60, "the job to start")
-    time.sleep(0.5)
+    paused = f"test-only pause at stage '{stage}'"
+    wait_until(lambda: paused in node.log.read_text(), 60, f"the job to reach the {stage} stage")
     node.kill(signal.SIGKILL)
     assert not pacs.received
     restarted = NodeProcess(tmp_path, pacs.port, port=node.port).start()
     try:
         wait_until(lambda: len(pacs.received) == 1, 120, "the SEG after restart")
-        time.sleep(1.0)
-        assert len(pacs.received) == 1
         with restarted.index() as index:
-            (job,) = index.jobs_for_series(series)
+            wait_until(
+                lambda: all(d.state == DeliveryState.DONE for d in index.deliveries()), 60, "the delivery recorded"
+            )
+            (job,) = index.jobs_for_series(series)  # the job re-run, not a second job
             assert job.state == JobState.DONE and job.attempts == 2
+            result = index.result_for_job(job.id)
+            assert result is not None and len(index.results()) == 1
+            (delivery,) = index.deliveries()
+            assert (delivery.result_id, delivery.attempts) == (result.id, 1)
+        assert len(pacs.received) == 1
     finally:
         restarted.kill(signal.SIGTERM)

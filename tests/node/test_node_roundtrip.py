@@ -21,6 +21,7 @@ from node.seg_encode import read_seg_mask
 from node.service import Node
 from node.standin_pacs import PACS_AE, StandInPacs
 from storage import JobState
+from storage.records import DeliveryRecord, DeliveryState
 
 
 @pytest.fixture
@@ -119,14 +120,44 @@ def test_non_spect_series_is_stored_not_processed(node: Node, pacs: StandInPacs)
     assert not node.storage.index.results(str(projection.StudyInstanceUID))
 
 
+def _wait_all_delivered(node: Node, timeout: float = 30.0) -> None:
+    """Until every delivery is recorded ``done`` (the node records the PACS's acknowledgement after it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deliveries = node.storage.index.deliveries()
+        if deliveries and all(d.state == DeliveryState.DONE for d in deliveries):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"deliveries not done: {node.storage.index.deliveries()}")
+
+
+def _one_seg_delivered_once(node: Node, source) -> DeliveryRecord:
+    """The series has exactly one job, done, one result and one delivery of it, done; returns the delivery.
+
+    ``sweep_idle(0)`` completes now whatever the idle sweep would complete later: no series is left
+    to make a second job.
+    """
+    index = node.storage.index
+    assert node.receiver.sweep_idle(idle_timeout=0.0) == []
+    (job,) = index.jobs_for_series(str(source.SeriesInstanceUID))
+    assert job.state == JobState.DONE
+    result = index.result_for_job(job.id)
+    assert result is not None
+    assert [r.id for r in index.results(str(source.StudyInstanceUID))] == [result.id]
+    (delivery,) = index.deliveries()
+    assert delivery.result_id == result.id and delivery.state == DeliveryState.DONE
+    return delivery
+
+
 def test_resent_instance_is_idempotent(node: Node, pacs: StandInPacs) -> None:
     source = nifti_to_nm(spect_like_volume(), patient_name="Test^Twice", patient_id="NM4")
     _send(node, [source])
     _seg_for(pacs, str(source.SeriesInstanceUID))
-    _send(node, [source])
-    time.sleep(1.0)
+    _wait_all_delivered(node)
+    _send(node, [source])  # acknowledged after the node decided: stored unchanged, no new job
     assert len(node.storage.index.instances_for_series(str(source.SeriesInstanceUID))) == 1
-    assert len(node.storage.index.jobs_for_series(str(source.SeriesInstanceUID))) == 1
+    delivery = _one_seg_delivered_once(node, source)
+    assert delivery.attempts == 1 and len(pacs.received) == 1
 
 
 def test_destination_down_then_up(tmp_path: Path) -> None:
@@ -147,11 +178,11 @@ def test_destination_down_then_up(tmp_path: Path) -> None:
         pacs = StandInPacs(tmp_path / "pacs", port=port)
         try:
             seg, _ = _seg_for(pacs, str(source.SeriesInstanceUID), timeout=30)
-            time.sleep(1.5)
+            _wait_all_delivered(running)
+            delivery = _one_seg_delivered_once(running, source)
+            assert delivery.attempts >= 3  # failed while the PACS was down, then delivered
             assert len(pacs.received) == 1  # one object, however many attempts
         finally:
             pacs.stop()
-        (delivery,) = running.storage.index.deliveries()
-        assert delivery.state == "done" and delivery.attempts >= 3
     finally:
         running.stop()

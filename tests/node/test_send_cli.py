@@ -1,0 +1,124 @@
+"""``spect-node send`` on files and export folders, to a DCMTK ``storescp`` on 127.0.0.1.
+
+An export folder holds more than DICOM instances (a README, a DICOMDIR): those are
+skipped with a warning naming each, and counted; a file named explicitly must be DICOM.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from node_process import wait_until
+from peers import require_tool
+from pydicom.fileset import FileSet
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from studies import free_port, spect_like_volume
+
+from node.cli import main as spect_node
+from node.nm_writer import dataset_to_bytes, nifti_to_nm_series
+
+DESTINATION_AE = "DESTSCP"
+
+
+def _answers(port: int) -> bool:
+    """Whether a DICOM application listens on ``port``."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.connection_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=DESTINATION_AE)
+    established = assoc.is_established
+    if established:
+        assoc.release()
+    return established
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK ``storescp`` on a free port; yields ``(port, folder it stores into)``."""
+    executable = require_tool("storescp")
+    port, folder = free_port(), tmp_path / "received"
+    folder.mkdir()
+    with (tmp_path / "storescp.log").open("ab") as log:
+        process = subprocess.Popen(
+            [executable, "-aet", DESTINATION_AE, "-od", str(folder), str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: process.poll() is None and _answers(port), 30, "storescp to listen")
+        yield port, folder
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def instances(tmp_path: Path) -> list[Path]:
+    """Two NM slice instances of one series, written as Part 10 files under ``tmp_path/study``."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    paths = []
+    for n, ds in enumerate(nifti_to_nm_series(spect_like_volume(), patient_name="Send^Cli", patient_id="SENDCLI")[:2]):
+        path = folder / f"slice{n}.dcm"
+        path.write_bytes(dataset_to_bytes(ds))
+        paths.append(path)
+    return paths
+
+
+def _to(port: int) -> list[str]:
+    return ["--to", f"{DESTINATION_AE}@127.0.0.1:{port}", "--aet", "TESTSCU"]
+
+
+def _received_uids(folder: Path) -> set[str]:
+    return {str(pydicom.dcmread(path).SOPInstanceUID) for path in folder.iterdir()}
+
+
+def test_an_export_folder_with_a_readme_and_a_dicomdir_is_sent_without_them(
+    tmp_path: Path, instances: list[Path], storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A media export (DICOMDIR + instances in sub-folders) plus a README: the instances go, the rest is named."""
+    export = tmp_path / "export"
+    file_set = FileSet()
+    for path in instances:
+        file_set.add(path)
+    file_set.write(export)
+    (export / "README.txt").write_text("Exported by a viewer. Open DICOMDIR to view.\n")
+    port, received = storescp
+
+    assert spect_node(["send", str(export), *_to(port)]) == 0
+    captured = capsys.readouterr()
+    assert "sent 2/2 instance(s)" in captured.out and "skipped 2 non-DICOM file(s)" in captured.out
+    assert f"{export / 'README.txt'}: not a DICOM file" in captured.err
+    assert f"{export / 'DICOMDIR'}: not a DICOM instance" in captured.err
+    assert _received_uids(received) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in instances}
+
+
+def test_a_non_dicom_file_named_explicitly_is_an_error_naming_it(
+    tmp_path: Path, instances: list[Path], storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = tmp_path / "README.txt"
+    readme.write_text("not DICOM\n")
+    port, received = storescp
+
+    assert spect_node(["send", str(instances[0]), str(readme), *_to(port)]) == 2
+    assert f"{readme}: not a DICOM file" in capsys.readouterr().err
+    assert list(received.iterdir()) == []  # nothing sent: the command stopped before associating
+
+
+def test_a_folder_without_any_dicom_instance_is_an_error(
+    tmp_path: Path, storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "README.txt").write_text("nothing to see\n")
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4\n")
+    port, received = storescp
+
+    assert spect_node(["send", str(folder), *_to(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"no DICOM instance to send in {folder} (2 non-DICOM file(s))" in err
+    assert f"{folder / 'README.txt'}: not a DICOM file" in err and f"{folder / 'report.pdf'}: not a DICOM file" in err
+    assert list(received.iterdir()) == []

@@ -1,0 +1,100 @@
+"""A study the node reads but in which the network finds no heart: the job fails, no SEG is sent.
+
+The node runs in-process with the shipped model; its destination is a DCMTK ``storescp``
+on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from node_process import wait_until
+from peers import require_tool
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from studies import WEIGHTS, free_port, node_config, spect_like_volume
+
+from config.schema import PeerSection
+from node.audit import read_audit
+from node.network import PeerAddress
+from node.nm_writer import nifti_to_nm
+from node.scu import send_datasets
+from node.service import Node
+from storage import JobState
+
+DESTINATION_AE = "DESTSCP"
+
+
+def _answers(port: int) -> bool:
+    """Whether a DICOM application listens on ``port``."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.connection_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=DESTINATION_AE)
+    established = assoc.is_established
+    if established:
+        assoc.release()
+    return established
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK ``storescp`` on a free port; yields ``(port, folder it stores into)``."""
+    executable = require_tool("storescp")
+    port, folder = free_port(), tmp_path / "received"
+    folder.mkdir()
+    with (tmp_path / "storescp.log").open("ab") as log:
+        process = subprocess.Popen(
+            [executable, "-aet", DESTINATION_AE, "-od", str(folder), str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: process.poll() is None and _answers(port), 30, "storescp to listen")
+        yield port, folder
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def node(tmp_path: Path, storescp: tuple[int, Path]) -> Iterator[Node]:
+    if not WEIGHTS.is_file():
+        pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
+    peers = [PeerSection(ae_title=DESTINATION_AE, host="127.0.0.1", port=storescp[0])]
+    running = Node.start(node_config(tmp_path / "node", peers=peers))
+    yield running
+    running.stop()
+
+
+def test_a_study_without_a_heart_fails_its_job_and_sends_no_seg(
+    tmp_path: Path, node: Node, storescp: tuple[int, Path]
+) -> None:
+    """Low Poisson noise on the SPECT grid: a valid reconstructed NM study in which there is no myocardium."""
+    grid = spect_like_volume()
+    noise = np.random.default_rng(20).poisson(3.0, grid.shape).astype(np.float32)
+    study = nifti_to_nm(nib.Nifti1Image(noise, grid.affine), patient_name="Test^NoHeart", patient_id="NOHEART")
+    outcome = send_datasets([study], PeerAddress("SPECTNODE", "127.0.0.1", node.port), "TESTSCU")
+    assert outcome.all_succeeded, outcome  # stored and acknowledged: the node owes an answer
+    series = str(study.SeriesInstanceUID)
+    index = node.storage.index
+
+    def job_finished() -> bool:
+        jobs = index.jobs_for_series(series)
+        return bool(jobs) and jobs[-1].state not in (JobState.QUEUED, JobState.RUNNING)
+
+    wait_until(job_finished, 120, "the job of the noise study to finish")
+    (job,) = index.jobs_for_series(series)
+    assert job.state == JobState.FAILED and job.attempts == 1
+    assert job.reason == "NoMyocardiumError: no myocardium found in the volume; no SEG is made"
+    assert index.instance(str(study.SOPInstanceUID)) is not None  # the study stays stored
+    assert index.result_for_job(job.id) is None and not index.results(str(study.StudyInstanceUID))
+    assert index.deliveries() == []  # nothing queued to send, now or later
+    _, received = storescp
+    assert list(received.iterdir()) == []
+    (result,) = [record for record in read_audit(tmp_path / "node" / "audit.jsonl") if record["event"] == "job-result"]
+    assert (result["state"], result["series_instance_uid"], result["patient_id"]) == ("failed", series, "NOHEART")
+    assert "no myocardium found" in result["reason"] and "seg_sop_instance_uid" not in result
