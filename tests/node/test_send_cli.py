@@ -6,17 +6,13 @@ skipped with a warning naming each, and counted; a file named explicitly must be
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_process import wait_until
-from peers import require_tool
+from peers import storescp as peer_storescp
 from pydicom.fileset import FileSet
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 from studies import free_port, spect_like_volume
 
 from node.cli import main as spect_node
@@ -25,34 +21,12 @@ from node.nm_writer import dataset_to_bytes, nifti_to_nm_series
 DESTINATION_AE = "DESTSCP"
 
 
-def _answers(port: int) -> bool:
-    """Whether a DICOM application listens on ``port``."""
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.connection_timeout = 2
-    assoc = ae.associate("127.0.0.1", port, ae_title=DESTINATION_AE)
-    established = assoc.is_established
-    if established:
-        assoc.release()
-    return established
-
-
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK ``storescp`` on a free port; yields ``(port, folder it stores into)``."""
-    executable = require_tool("storescp")
-    port, folder = free_port(), tmp_path / "received"
-    folder.mkdir()
-    with (tmp_path / "storescp.log").open("ab") as log:
-        process = subprocess.Popen(
-            [executable, "-aet", DESTINATION_AE, "-od", str(folder), str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_until(lambda: process.poll() is None and _answers(port), 30, "storescp to listen")
+    port = free_port()
+    with peer_storescp(tmp_path / "received", port, DESTINATION_AE) as folder:
         yield port, folder
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture

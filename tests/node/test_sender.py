@@ -7,19 +7,16 @@ which no DCMTK tool does.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from node_process import wait_until
-from peers import require_tool
+from peers import storescp
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import SegmentationStorage, Verification
+from pynetdicom.sop_class import SegmentationStorage
 from studies import free_port
 
 from node.audit import AuditLog, read_audit
@@ -172,37 +169,6 @@ def _destination_sender(storage: Storage, port: int, policy: RetryPolicy, audit:
     return ResultSender(storage, peers, "SPECTNODE", SHORT, policy, audit)
 
 
-def _answers(port: int) -> bool:
-    """Whether a DICOM application listens on ``port`` (it accepts or rejects an association)."""
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.connection_timeout = 2
-    assoc = ae.associate("127.0.0.1", port, ae_title=DESTINATION_AE)
-    if assoc.is_established:
-        assoc.release()
-        return True
-    return assoc.is_rejected
-
-
-@contextmanager
-def _storescp(folder: Path, port: int, *options: str) -> Iterator[Path]:
-    """DCMTK ``storescp`` on ``port`` writing what it stores to ``folder`` (yielded), stopped afterwards."""
-    executable = require_tool("storescp")
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder.parent / f"{folder.name}.log").open("ab") as log:
-        process = subprocess.Popen(
-            [executable, "-aet", DESTINATION_AE, "-od", str(folder), *options, str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until(lambda: process.poll() is None and _answers(port), 30, f"storescp {options} on port {port}")
-        yield folder
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def _audit_events(path: Path, event: str) -> list[dict]:
     return [record for record in read_audit(path) if record["event"] == event]
 
@@ -216,7 +182,7 @@ def test_a_destination_refusing_the_association_is_retried_until_it_accepts(
     policy = RetryPolicy(max_attempts=5, base_s=60.0, max_s=600.0)
     sender = _destination_sender(storage, port, policy, audit)
     try:
-        with _storescp(tmp_path / "refusing", port, "--refuse") as refusing:
+        with storescp(tmp_path / "refusing", port, DESTINATION_AE, "--refuse") as refusing:
             assert sender.send_due() == 1
             record = _delivery(storage, delivery_id)
             assert (record.state, record.attempts) == (DeliveryState.PENDING, 1)  # not delivered, retried later
@@ -227,7 +193,7 @@ def test_a_destination_refusing_the_association_is_retried_until_it_accepts(
         assert "rejected" in failed["error"]
         assert not _audit_events(audit_path, "seg-sent")
 
-        with _storescp(tmp_path / "accepting", port) as accepting:
+        with storescp(tmp_path / "accepting", port, DESTINATION_AE) as accepting:
             assert sender.send_due(now=record.next_attempt_at) == 1
             record = _delivery(storage, delivery_id)
             assert (record.state, record.attempts, record.last_error) == (DeliveryState.DONE, 2, None)
@@ -246,7 +212,7 @@ def test_a_destination_that_keeps_refusing_is_given_up_after_max_attempts(
     storage, delivery_id, _ = seg_result
     port = free_port()
     sender = _destination_sender(storage, port, RetryPolicy(max_attempts=2, base_s=60.0), AuditLog(None))
-    with _storescp(tmp_path / "refusing", port, "--refuse"):
+    with storescp(tmp_path / "refusing", port, DESTINATION_AE, "--refuse"):
         assert sender.send_due() == 1
         record = _delivery(storage, delivery_id)
         assert sender.send_due(now=record.next_attempt_at) == 1

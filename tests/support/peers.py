@@ -1,11 +1,18 @@
-"""Finding the real DICOM peers the tests use (DCMTK, dicom3tools, openssl)."""
+"""The real DICOM peers the tests use (DCMTK, dicom3tools, openssl): finding them, running a DCMTK storescp."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from node_process import wait_until
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 
 def require_tool(name: str) -> str:
@@ -16,3 +23,37 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is not installed; CI must have the real peers (make peers)")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def answers(port: int, ae_title: str) -> bool:
+    """Whether a DICOM application listens on 127.0.0.1:``port`` (it accepts or rejects an association)."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.connection_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return assoc.is_rejected
+
+
+@contextmanager
+def storescp(folder: Path, port: int, ae_title: str, *options: str) -> Iterator[Path]:
+    """DCMTK ``storescp`` as ``ae_title`` on ``port``, storing into ``folder`` (yielded); stopped afterwards.
+
+    Its output goes to ``<folder>.log``; ``options`` are storescp's own (``--refuse``, ...).
+    """
+    executable = require_tool("storescp")
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f"{folder.name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            [executable, "-aet", ae_title, "-od", str(folder), *options, str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: process.poll() is None and answers(port, ae_title), 30, f"storescp {options} on {port}")
+        yield folder
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
