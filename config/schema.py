@@ -8,7 +8,7 @@ paths are relative to the working directory, as in the seed pipeline).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -161,7 +161,7 @@ class NodeSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(16, ge=1)
-    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    allowed_calling_ae_titles: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(default_factory=list)
     series_idle_timeout: float = Field(10.0, gt=0)
     series_incomplete_timeout: float = Field(120.0, gt=0)
     accept_pet_like: bool = True

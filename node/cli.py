@@ -175,7 +175,8 @@ def _send(paths: Sequence[Path], to: str, aet: str, config: AppConfig, tls: bool
     outcome = send_datasets(found.datasets, peer, aet, node_timeouts(config), progress=True, tls_args=tls_args)
     ok, total = len(outcome.statuses) - outcome.n_failed, len(found.datasets)
     skipped = f"; skipped {len(found.skipped)} non-DICOM file(s)" if found.skipped else ""
-    print(f"sent {ok}/{total} instance(s) to {peer}{skipped}" + (f"; error: {outcome.error}" if outcome.error else ""))
+    failure = outcome.failure()
+    print(f"sent {ok}/{total} instance(s) to {peer}{skipped}" + (f"; error: {failure}" if failure else ""))
     return 0 if outcome.all_succeeded and ok == total else 1
 
 

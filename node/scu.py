@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
-from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from tqdm import tqdm
 
 from node.network import NODELAY_HANDLERS, PeerAddress, configure_timeouts
@@ -74,32 +75,51 @@ class SendOutcome:
 
 
 class NotSendableError(ValueError):
-    """A file cannot be sent: not DICOM (Part 10), or not a composite instance (a DICOMDIR, say)."""
+    """A file that is not meant to be sent: not DICOM at all (no Part 10 header), or a DICOMDIR."""
+
+
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (a DICOMDIR)
 
 
 def read_sendable(path: Path) -> Dataset:
-    """Read one file to send, raising :class:`NotSendableError` naming it if it is not a DICOM instance.
+    """Read one file to send.
 
-    Raises ``OSError`` (naming the file) when it cannot be read at all.
+    Raises
+    ------
+    NotSendableError
+        Not a DICOM file, or a DICOMDIR: what an export folder holds besides its instances.
+    ValueError
+        A DICOM file that cannot be sent: damaged (cut short, say) or without SOP Class
+        and Instance UIDs; or unreadable (``OSError``). Each message names the file.
     """
     try:
         ds = dcmread(path)
     except InvalidDicomError as exc:  # pydicom's text says "use force=True": not for a user
         raise NotSendableError(f"{path}: not a DICOM file (no Part 10 header)") from exc
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    except Exception as exc:  # pydicom raises many kinds for a damaged file
+        raise ValueError(f"{path}: damaged DICOM file ({type(exc).__name__}: {exc})") from exc
+    if str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY:
+        raise NotSendableError(f"{path}: a DICOMDIR (an index of the export, not an instance)")
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-        raise NotSendableError(f"{path}: not a DICOM instance (no SOP Class/Instance UID; a DICOMDIR?)")
+        raise ValueError(f"{path}: DICOM file without SOP Class/Instance UID (cut short?)")
     return ds
 
 
 def read_for_sending(paths: Iterable[Path]) -> list[Dataset]:
-    """Read DICOM files, raising ``ValueError`` naming the first unreadable or non-DICOM file."""
-    datasets = []
-    for path in paths:
-        try:
-            datasets.append(read_sendable(path))
-        except OSError as exc:
-            raise ValueError(f"{path}: not a readable DICOM file: {exc}") from exc
-    return datasets
+    """Read DICOM files, raising ``ValueError`` naming the first one that cannot be sent."""
+    return [read_sendable(path) for path in paths]
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, in name order; a sub-folder that cannot be listed is an error."""
+
+    def refuse(exc: OSError) -> None:
+        raise ValueError(f"{exc.filename}: cannot list the folder: {exc.strerror or exc}") from exc
+
+    found = [Path(top) / name for top, _, names in os.walk(folder, onerror=refuse) for name in names]
+    return sorted(p for p in found if p.is_file())
 
 
 @dataclass
@@ -113,30 +133,31 @@ class FilesToSend:
 def collect_for_sending(paths: Sequence[Path]) -> FilesToSend:
     """Read the files named and those in the folders named (recursively, in name order).
 
-    Export folders hold other files too (a README, a viewer, a DICOMDIR): a file in a
-    folder that is not a DICOM instance is skipped with a warning naming it. A file
-    named explicitly must be one.
+    Export folders hold other files too (a README, a viewer, a DICOMDIR): such a file in a
+    folder is skipped with a warning naming it. A file named explicitly must be an
+    instance, and a damaged DICOM file stops everything (nothing is sent): a series sent
+    without one of its instances is worse than one not sent.
 
     Raises
     ------
     FileNotFoundError
         A path that is neither a file nor a folder.
     ValueError
-        A file named explicitly that is not a DICOM instance, a file that cannot be
-        read, or no DICOM instance at all among ``paths``.
+        A file named explicitly that is not a DICOM instance, a file or folder that
+        cannot be read, a damaged DICOM file, or no DICOM instance at all among ``paths``.
     """
     datasets: list[Dataset] = []
     skipped: list[Path] = []
     for path in paths:
         if path.is_dir():
-            for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
+            for candidate in _files_under(path):
                 try:
-                    datasets.extend(read_for_sending([candidate]))
+                    datasets.append(read_sendable(candidate))
                 except NotSendableError as exc:
                     log.warning("skipped %s", exc)
                     skipped.append(candidate)
         elif path.is_file():
-            datasets.extend(read_for_sending([path]))
+            datasets.append(read_sendable(path))
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     if not datasets:
@@ -161,20 +182,40 @@ def _contexts(datasets: Sequence[Dataset]) -> list:
     return contexts
 
 
-class _Rejection:
-    """``EVT_PDU_RECV`` handler keeping why a peer rejected the association (result, source, reason).
+class _AssociationTrace:
+    """Event handlers noting how far an association request got, to say why it failed.
 
-    Read from the A-ASSOCIATE-RJ PDU itself: when the peer rejects and closes at once,
-    pynetdicom may report the association aborted rather than rejected.
+    Read from the events themselves: when a peer rejects and closes at once, pynetdicom
+    may report the association aborted rather than rejected.
     """
 
     def __init__(self) -> None:
-        self.reason: str | None = None
+        self.connected = False
+        self.accepted = False
+        self.rejection: str | None = None
+
+    def on_connection_open(self, event: evt.Event) -> None:
+        self.connected = True
 
     def on_pdu_received(self, event: evt.Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+        if isinstance(event.pdu, A_ASSOCIATE_AC):
+            self.accepted = True
+        elif isinstance(event.pdu, A_ASSOCIATE_RJ):
             primitive = event.pdu.to_primitive()
-            self.reason = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
+            self.rejection = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
+
+    def handlers(self) -> list:
+        return [(evt.EVT_CONN_OPEN, self.on_connection_open), (evt.EVT_PDU_RECV, self.on_pdu_received)]
+
+    def failure(self, peer: PeerAddress, rejected: bool) -> str:
+        """Why the association with ``peer`` was not established."""
+        if self.rejection is not None or rejected:
+            return f"association rejected by {peer} ({self.rejection or 'no reason received'})"
+        if not self.connected:
+            return f"cannot connect to {peer} (nothing listening there, or unreachable)"
+        if self.accepted:
+            return f"{peer} accepted none of the presentation contexts (SOP class / transfer syntax) offered"
+        return f"no association answer from {peer} (it closed the connection, or timed out)"
 
 
 def send_datasets(
@@ -200,16 +241,11 @@ def send_datasets(
         AE(ae_title=calling_ae_title), timeouts.acse, timeouts.dimse, timeouts.network, timeouts.maximum_pdu_size
     )
     ae.requested_contexts = _contexts(datasets)
-    rejection = _Rejection()
-    handlers = [*NODELAY_HANDLERS, (evt.EVT_PDU_RECV, rejection.on_pdu_received)]
+    trace = _AssociationTrace()
+    handlers = [*NODELAY_HANDLERS, *trace.handlers()]
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers, tls_args=tls_args)
     if not assoc.is_established:
-        if rejection.reason is not None or assoc.is_rejected:
-            outcome.error = f"association rejected by {peer} ({rejection.reason or 'no reason received'})"
-        elif assoc.is_aborted:
-            outcome.error = f"association with {peer} aborted (no presentation context accepted, or the peer aborted)"
-        else:
-            outcome.error = f"association with {peer} failed (unreachable or no answer)"
+        outcome.error = trace.failure(peer, assoc.is_rejected)
         return outcome
     keep_responses_for_the_caller(assoc)  # pynetdicom's response race: no lost C-STORE response, no double SEG
     try:

@@ -8,6 +8,7 @@ then every ``storage.purge_every_hours``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -29,7 +30,7 @@ from node.tls import client_context, server_context
 from node.worker import SegmentationWorker, WorkerSettings
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor
-from storage import Storage, StorageError, StorageLayout
+from storage import Index, Storage, StorageError, StorageLayout
 from storage.retention import SECONDS_PER_DAY, StudySummary, purge
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,10 @@ def open_storage(root: Path, min_free_bytes: int) -> Storage:
     except StorageError as exc:
         raise StorageError(f"{root}: cannot use the storage folder: {exc}") from exc
     try:
-        return Storage.open(root, min_free_bytes=min_free_bytes, recover=True)
+        index = Index.open(layout.index_path, recover=True)
     except StorageError as exc:
         raise StorageError(f"{layout.index_path}: cannot open the index: {exc}") from exc
+    return Storage(layout, index, min_free_bytes=min_free_bytes)
 
 
 class PredictorHolder:
@@ -153,63 +155,67 @@ class Node:
         if load_model:
             predictor.load()
         destinations = tuple(p.ae_title for p in config.peers if p.send_results)
+        cleanup = contextlib.ExitStack()  # what to undo if the start fails half-way
         audit = AuditLog(node_cfg.audit_log or config.storage.root / "audit.jsonl", fsync=node_cfg.audit_fsync)
-        policy = AccessPolicy(
-            [PeerRule(p.ae_title, p.host, frozenset(p.services), p.check_host) for p in config.peers],
-            node_cfg.unlisted_services,
-        )
-        worker = SegmentationWorker(
-            storage,
-            predictor,
-            WorkerSettings(
-                accept_pet_like=node_cfg.accept_pet_like,
-                seg_series_number=node_cfg.seg_series_number,
-                seg_series_description=node_cfg.seg_series_description,
-                destinations=destinations,
-                pause_at=node_cfg.test_pause_at,
-            ),
-            worker_id=f"{node_cfg.ae_title}-worker",
-            audit=audit,
-        )
-        peers = {
-            p.ae_title: PeerAddress(
-                p.ae_title, p.host, p.port, (outgoing_tls, p.host) if p.tls and outgoing_tls is not None else None
+        cleanup.callback(audit.close)
+        with cleanup:
+            policy = AccessPolicy(
+                [PeerRule(p.ae_title, p.host, frozenset(p.services), p.check_host) for p in config.peers],
+                node_cfg.unlisted_services,
             )
-            for p in config.peers
-        }
-        sender = ResultSender(
-            storage,
-            peers,
-            node_cfg.ae_title,
-            node_timeouts(config),
-            RetryPolicy(
-                node_cfg.send_max_attempts,
-                node_cfg.send_retry_window,
-                node_cfg.send_backoff_base,
-                node_cfg.send_backoff_max,
-            ),
-            audit=audit,
-        )
-        worker.on_result = sender.wake.set
-        receiver = Receiver(storage, on_job_queued=worker.wake.set, audit=audit)
-        ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
-        t = node_timeouts(config)
-        configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
-        try:
-            server = ae.start_server(
-                (node_cfg.host, node_cfg.port),
-                block=False,
-                evt_handlers=server_handlers(receiver, storage, peers, policy, audit, tls_handshake_timeout=t.acse),
-                ssl_context=listening_tls,
+            worker = SegmentationWorker(
+                storage,
+                predictor,
+                WorkerSettings(
+                    accept_pet_like=node_cfg.accept_pet_like,
+                    seg_series_number=node_cfg.seg_series_number,
+                    seg_series_description=node_cfg.seg_series_description,
+                    destinations=destinations,
+                    pause_at=node_cfg.test_pause_at,
+                ),
+                worker_id=f"{node_cfg.ae_title}-worker",
+                audit=audit,
             )
-        except OSError as exc:  # the port is taken, or the host is not an address of this machine
-            audit.close()
-            raise OSError(
-                f"{node_cfg.host}:{node_cfg.port}: cannot listen for DICOM associations (node.host, node.port): "
-                f"{exc.strerror or exc}"
-            ) from exc
-        node = cls(config, storage, server, worker, sender, receiver, audit)
-        node._start_threads()
+            peers = {
+                p.ae_title: PeerAddress(
+                    p.ae_title, p.host, p.port, (outgoing_tls, p.host) if p.tls and outgoing_tls is not None else None
+                )
+                for p in config.peers
+            }
+            sender = ResultSender(
+                storage,
+                peers,
+                node_cfg.ae_title,
+                node_timeouts(config),
+                RetryPolicy(
+                    node_cfg.send_max_attempts,
+                    node_cfg.send_retry_window,
+                    node_cfg.send_backoff_base,
+                    node_cfg.send_backoff_max,
+                ),
+                audit=audit,
+            )
+            worker.on_result = sender.wake.set
+            receiver = Receiver(storage, on_job_queued=worker.wake.set, audit=audit)
+            ae = build_ae(node_cfg.ae_title, node_cfg.max_associations, node_cfg.allowed_calling_ae_titles)
+            t = node_timeouts(config)
+            configure_timeouts(ae, t.acse, t.dimse, t.network, t.maximum_pdu_size)
+            try:
+                server = ae.start_server(
+                    (node_cfg.host, node_cfg.port),
+                    block=False,
+                    evt_handlers=server_handlers(receiver, storage, peers, policy, audit, tls_handshake_timeout=t.acse),
+                    ssl_context=listening_tls,
+                )
+            except OSError as exc:  # the port is taken, or the host is not an address of this machine
+                raise OSError(
+                    f"{node_cfg.host}:{node_cfg.port}: cannot listen for DICOM associations (node.host, node.port): "
+                    f"{exc.strerror or exc}"
+                ) from exc
+            cleanup.callback(server.shutdown)
+            node = cls(config, storage, server, worker, sender, receiver, audit)
+            node._start_threads()
+            cleanup.pop_all()  # started: from now on Node.stop() undoes it all
         log.info(
             "node %s listening on %s:%d%s (storage %s)",
             node_cfg.ae_title,

@@ -323,6 +323,8 @@ def train(
                 state["best_epoch"],
                 state["epoch"],
             )
+        except torch.OutOfMemoryError:
+            raise  # the device's trouble, not the file's
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"{paths.last}: cannot resume from it ({type(exc).__name__}: {str(exc)[:300]}); it must be the "

@@ -87,3 +87,9 @@ def test_peers_are_stored_without_padding_and_listed_once(tmp_path: Path) -> Non
     path.write_text("peers:\n  - {ae_title: '  ', host: 127.0.0.1, port: 4242}\n")
     with pytest.raises(ConfigError, match="ae_title"):
         load_config(path)
+
+
+def test_allowed_calling_ae_titles_are_ae_titles() -> None:
+    with pytest.raises(ConfigError, match=r"node\.allowed_calling_ae_titles\.1"):
+        load_config(None, values={"node": {"allowed_calling_ae_titles": ["PACS", "A" * 17]}})
+    assert load_config(None, values={"node": {"allowed_calling_ae_titles": ["A" * 16]}}).node.allowed_calling_ae_titles

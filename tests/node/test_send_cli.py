@@ -66,7 +66,7 @@ def test_an_export_folder_with_a_readme_and_a_dicomdir_is_sent_without_them(
     captured = capsys.readouterr()
     assert "sent 2/2 instance(s)" in captured.out and "skipped 2 non-DICOM file(s)" in captured.out
     assert f"{export / 'README.txt'}: not a DICOM file" in captured.err
-    assert f"{export / 'DICOMDIR'}: not a DICOM instance" in captured.err
+    assert f"{export / 'DICOMDIR'}: a DICOMDIR" in captured.err
     assert _received_uids(received) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in instances}
 
 
@@ -96,3 +96,23 @@ def test_a_folder_without_any_dicom_instance_is_an_error(
     assert f"no DICOM instance to send in {folder} (2 non-DICOM file(s))" in err
     assert f"{folder / 'README.txt'}: not a DICOM file" in err and f"{folder / 'report.pdf'}: not a DICOM file" in err
     assert list(received.iterdir()) == []
+
+
+def test_a_damaged_instance_in_a_folder_stops_the_send_naming_it(
+    tmp_path: Path, instances: list[Path], storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An instance cut short (an interrupted copy) is not skipped as 'not DICOM': a series without it is worse."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in instances:
+        (folder / path.name).write_bytes(path.read_bytes())
+    whole = instances[1].read_bytes()
+    cut = folder / instances[1].name
+    cut.write_bytes(whole[:200])  # the Part 10 header survives, the data set does not
+    port, received = storescp
+
+    assert spect_node(["send", str(folder), *_to(port)]) == 2
+    err = capsys.readouterr().err
+    assert str(cut) in err and ("damaged DICOM file" in err or "without SOP Class/Instance UID" in err)
+    assert "Traceback" not in err
+    assert list(received.iterdir()) == []  # nothing sent

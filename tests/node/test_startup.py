@@ -7,6 +7,7 @@ no traceback.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -79,6 +80,10 @@ def test_a_port_in_use_stops_the_start_and_is_named(tmp_path: Path) -> None:
         config = node_config(tmp_path / "inproc", "node.host=127.0.0.1", f"node.port={port}")
         with pytest.raises(OSError, match=f"127.0.0.1:{port}: cannot listen"):  # the same from the library
             Node.start(config, load_model=False)
+        # ...which let go of what it had opened: the index and the audit log
+        held = {os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink()}
+        opened = [str(config.storage.root), str(config.node.audit_log or config.storage.root)]
+        assert not [path for path in held if path.startswith(tuple(opened))], held
     node = Node.start(config, load_model=False)  # the port is free again: the same configuration starts
     try:
         assert node.port == port

@@ -45,15 +45,27 @@ def storescp(folder: Path, port: int, ae_title: str, *options: str) -> Iterator[
     """
     executable = require_tool("storescp")
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder.parent / f"{folder.name}.log").open("ab") as log:
+    log_path = folder.parent / f"{folder.name}.log"
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [executable, "-aet", ae_title, "-od", str(folder), *options, str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+    def listening() -> bool:
+        if process.poll() is not None:  # it gave up (the port taken meanwhile, say): say why at once
+            output = log_path.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"storescp {options} on {port} exited with {process.returncode}:\n{output}")
+        return answers(port, ae_title)
+
     try:
-        wait_until(lambda: process.poll() is None and answers(port, ae_title), 30, f"storescp {options} on {port}")
+        wait_until(listening, 30, f"storescp {options} on {port}")
         yield folder
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
