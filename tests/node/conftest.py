@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from peers import require_tool
+from peers import STORESCP_AE, require_tool, storescp
 from pydicom import Dataset
+from studies import free_port
 
 from node.standin_pacs import StandInPacs
 
@@ -134,3 +135,11 @@ def pacs(tmp_path: Path) -> Iterator[StandInPacs]:
     server = StandInPacs(tmp_path / "pacs")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def destination_scp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK ``storescp`` as ``STORESCP_AE`` on a free port; yields ``(port, folder it stores into)``."""
+    port = free_port()
+    with storescp(tmp_path / "received", port, STORESCP_AE) as folder:
+        yield port, folder

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from node_process import NodeProcess, echo, wait_until
+from node_process import NodeProcess, assert_one_seg_delivered, echo, wait_until
 from pydicom import Dataset
 from pynetdicom import evt
 from studies import spect_like_volume
 
 from node.nm_writer import dataset_to_bytes, nifti_to_nm, nifti_to_nm_series
 from node.standin_pacs import StandInPacs
-from storage import Index, JobState
+from storage import Index
 from storage.records import DeliveryState
 
 # A C-STORE SCU in its own process: prints each acknowledged SOP Instance UID; with
@@ -69,22 +69,13 @@ def _files(tmp: Path, datasets: list[Dataset]) -> list[Path]:
 
 
 def _assert_one_seg_delivered(index: Index, source: Dataset, delivery_attempts: int) -> None:
-    """Once its delivery is recorded: the series has one job, done, one result and one delivery, done.
-
-    A duplicate job (a second SEG on its way) shows as a second job, result or delivery.
-    """
+    """Once its delivery is recorded: one job, one result and one delivery, done after ``delivery_attempts``."""
     wait_until(
         lambda: bool(index.deliveries()) and all(d.state == DeliveryState.DONE for d in index.deliveries()),
         60,
         "the delivery to be recorded",
     )
-    (job,) = index.jobs_for_series(str(source.SeriesInstanceUID))
-    assert job.state == JobState.DONE
-    result = index.result_for_job(job.id)
-    assert result is not None
-    assert [r.id for r in index.results(str(source.StudyInstanceUID))] == [result.id]
-    (delivery,) = index.deliveries()
-    assert (delivery.result_id, delivery.attempts) == (result.id, delivery_attempts)
+    assert assert_one_seg_delivered(index, source).attempts == delivery_attempts
 
 
 class HeldPacs(StandInPacs):

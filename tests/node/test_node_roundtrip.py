@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from node_process import assert_one_seg_delivered
 from pydicom import dcmread
 from studies import WEIGHTS, free_port, node_config, spect_like_volume
 
@@ -132,21 +133,10 @@ def _wait_all_delivered(node: Node, timeout: float = 30.0) -> None:
 
 
 def _one_seg_delivered_once(node: Node, source) -> DeliveryRecord:
-    """The series has exactly one job, done, one result and one delivery of it, done; returns the delivery.
-
-    ``sweep_idle(0)`` completes now whatever the idle sweep would complete later: no series is left
-    to make a second job.
-    """
-    index = node.storage.index
+    """:func:`assert_one_seg_delivered` after ``sweep_idle(0)``, which completes now whatever the idle
+    sweep would complete later: no series is left to make a second job."""
     assert node.receiver.sweep_idle(idle_timeout=0.0) == []
-    (job,) = index.jobs_for_series(str(source.SeriesInstanceUID))
-    assert job.state == JobState.DONE
-    result = index.result_for_job(job.id)
-    assert result is not None
-    assert [r.id for r in index.results(str(source.StudyInstanceUID))] == [result.id]
-    (delivery,) = index.deliveries()
-    assert delivery.result_id == result.id and delivery.state == DeliveryState.DONE
-    return delivery
+    return assert_one_seg_delivered(node.storage.index, source)
 
 
 def test_resent_instance_is_idempotent(node: Node, pacs: StandInPacs) -> None:

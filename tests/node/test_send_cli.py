@@ -6,27 +6,16 @@ skipped with a warning naming each, and counted; a file named explicitly must be
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from peers import storescp as peer_storescp
+from peers import STORESCP_AE
 from pydicom.fileset import FileSet
-from studies import free_port, spect_like_volume
+from studies import spect_like_volume
 
 from node.cli import main as spect_node
 from node.nm_writer import dataset_to_bytes, nifti_to_nm_series
-
-DESTINATION_AE = "DESTSCP"
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """DCMTK ``storescp`` on a free port; yields ``(port, folder it stores into)``."""
-    port = free_port()
-    with peer_storescp(tmp_path / "received", port, DESTINATION_AE) as folder:
-        yield port, folder
 
 
 @pytest.fixture
@@ -43,7 +32,7 @@ def instances(tmp_path: Path) -> list[Path]:
 
 
 def _to(port: int) -> list[str]:
-    return ["--to", f"{DESTINATION_AE}@127.0.0.1:{port}", "--aet", "TESTSCU"]
+    return ["--to", f"{STORESCP_AE}@127.0.0.1:{port}", "--aet", "TESTSCU"]
 
 
 def _received_uids(folder: Path) -> set[str]:
@@ -51,7 +40,7 @@ def _received_uids(folder: Path) -> set[str]:
 
 
 def test_an_export_folder_with_a_readme_and_a_dicomdir_is_sent_without_them(
-    tmp_path: Path, instances: list[Path], storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, instances: list[Path], destination_scp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A media export (DICOMDIR + instances in sub-folders) plus a README: the instances go, the rest is named."""
     export = tmp_path / "export"
@@ -60,7 +49,7 @@ def test_an_export_folder_with_a_readme_and_a_dicomdir_is_sent_without_them(
         file_set.add(path)
     file_set.write(export)
     (export / "README.txt").write_text("Exported by a viewer. Open DICOMDIR to view.\n")
-    port, received = storescp
+    port, received = destination_scp
 
     assert spect_node(["send", str(export), *_to(port)]) == 0
     captured = capsys.readouterr()
@@ -71,11 +60,11 @@ def test_an_export_folder_with_a_readme_and_a_dicomdir_is_sent_without_them(
 
 
 def test_a_non_dicom_file_named_explicitly_is_an_error_naming_it(
-    tmp_path: Path, instances: list[Path], storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, instances: list[Path], destination_scp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     readme = tmp_path / "README.txt"
     readme.write_text("not DICOM\n")
-    port, received = storescp
+    port, received = destination_scp
 
     assert spect_node(["send", str(instances[0]), str(readme), *_to(port)]) == 2
     assert f"{readme}: not a DICOM file" in capsys.readouterr().err
@@ -83,13 +72,13 @@ def test_a_non_dicom_file_named_explicitly_is_an_error_naming_it(
 
 
 def test_a_folder_without_any_dicom_instance_is_an_error(
-    tmp_path: Path, storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, destination_scp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "README.txt").write_text("nothing to see\n")
     (folder / "report.pdf").write_bytes(b"%PDF-1.4\n")
-    port, received = storescp
+    port, received = destination_scp
 
     assert spect_node(["send", str(folder), *_to(port)]) == 2
     err = capsys.readouterr().err
@@ -99,7 +88,7 @@ def test_a_folder_without_any_dicom_instance_is_an_error(
 
 
 def test_a_damaged_instance_in_a_folder_stops_the_send_naming_it(
-    tmp_path: Path, instances: list[Path], storescp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, instances: list[Path], destination_scp: tuple[int, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An instance cut short (an interrupted copy) is not skipped as 'not DICOM': a series without it is worse."""
     folder = tmp_path / "copy"
@@ -109,7 +98,7 @@ def test_a_damaged_instance_in_a_folder_stops_the_send_naming_it(
     whole = instances[1].read_bytes()
     cut = folder / instances[1].name
     cut.write_bytes(whole[:200])  # the Part 10 header survives, the data set does not
-    port, received = storescp
+    port, received = destination_scp
 
     assert spect_node(["send", str(folder), *_to(port)]) == 2
     err = capsys.readouterr().err

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from node_process import wait_until
-from peers import storescp as peer_storescp
-from studies import WEIGHTS, free_port, node_config, spect_like_volume
+from peers import STORESCP_AE
+from studies import WEIGHTS, node_config, spect_like_volume
 
 from config.schema import PeerSection
 from node.audit import read_audit
@@ -24,29 +24,19 @@ from node.scu import send_datasets
 from node.service import Node
 from storage import JobState
 
-DESTINATION_AE = "DESTSCP"
-
 
 @pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """DCMTK ``storescp`` on a free port; yields ``(port, folder it stores into)``."""
-    port = free_port()
-    with peer_storescp(tmp_path / "received", port, DESTINATION_AE) as folder:
-        yield port, folder
-
-
-@pytest.fixture
-def node(tmp_path: Path, storescp: tuple[int, Path]) -> Iterator[Node]:
+def node(tmp_path: Path, destination_scp: tuple[int, Path]) -> Iterator[Node]:
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
-    peers = [PeerSection(ae_title=DESTINATION_AE, host="127.0.0.1", port=storescp[0])]
+    peers = [PeerSection(ae_title=STORESCP_AE, host="127.0.0.1", port=destination_scp[0])]
     running = Node.start(node_config(tmp_path / "node", peers=peers))
     yield running
     running.stop()
 
 
 def test_a_study_without_a_heart_fails_its_job_and_sends_no_seg(
-    tmp_path: Path, node: Node, storescp: tuple[int, Path]
+    tmp_path: Path, node: Node, destination_scp: tuple[int, Path]
 ) -> None:
     """Low Poisson noise on the SPECT grid: a valid reconstructed NM study in which there is no myocardium."""
     grid = spect_like_volume()
@@ -68,7 +58,7 @@ def test_a_study_without_a_heart_fails_its_job_and_sends_no_seg(
     assert index.instance(str(study.SOPInstanceUID)) is not None  # the study stays stored
     assert index.result_for_job(job.id) is None and not index.results(str(study.StudyInstanceUID))
     assert index.deliveries() == []  # nothing queued to send, now or later
-    _, received = storescp
+    _, received = destination_scp
     assert list(received.iterdir()) == []
     (result,) = [record for record in read_audit(tmp_path / "node" / "audit.jsonl") if record["event"] == "job-result"]
     assert (result["state"], result["series_instance_uid"], result["patient_id"]) == ("failed", series, "NOHEART")

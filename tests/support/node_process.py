@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from studies import WEIGHTS, free_port
 
 from node.standin_pacs import PACS_AE
-from storage import Index
+from storage import Index, JobState
+from storage.records import DeliveryRecord, DeliveryState
 
 
 class NodeProcess:
@@ -81,3 +83,18 @@ def wait_until(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_one_seg_delivered(index: Index, source: Dataset) -> DeliveryRecord:
+    """The source's series has exactly one job, done, one result and one delivery of it, done; returns the delivery.
+
+    A duplicate job (a second SEG on its way) shows as a second job, result or delivery.
+    """
+    (job,) = index.jobs_for_series(str(source.SeriesInstanceUID))
+    assert job.state == JobState.DONE
+    result = index.result_for_job(job.id)
+    assert result is not None
+    assert [r.id for r in index.results(str(source.StudyInstanceUID))] == [result.id]
+    (delivery,) = index.deliveries()
+    assert delivery.result_id == result.id and delivery.state == DeliveryState.DONE
+    return delivery

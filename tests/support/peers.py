@@ -14,6 +14,8 @@ from node_process import wait_until
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+STORESCP_AE = "DESTSCP"  # the AE title of the storescp the node tests send to
+
 
 def require_tool(name: str) -> str:
     """The path of a peer tool; a missing one fails when CI is set (``make peers`` installs it) and skips elsewhere."""
