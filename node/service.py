@@ -13,7 +13,6 @@ import logging
 import ssl
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
@@ -30,7 +29,7 @@ from node.tls import client_context, server_context
 from node.worker import SegmentationWorker, WorkerSettings
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor
-from storage import Index, Storage, StorageError, StorageLayout
+from storage import Storage
 from storage.retention import SECONDS_PER_DAY, StudySummary, purge
 
 log = logging.getLogger(__name__)
@@ -40,28 +39,6 @@ def node_timeouts(config: AppConfig) -> Timeouts:
     """The configured association/DIMSE/network timeouts and PDU size."""
     node = config.node
     return Timeouts(node.acse_timeout, node.dimse_timeout, node.network_timeout, node.maximum_pdu_size)
-
-
-def open_storage(root: Path, min_free_bytes: int) -> Storage:
-    """Open the node's storage at start-up, re-queueing work a crash left running.
-
-    Raises
-    ------
-    StorageError
-        Naming what is at fault: ``<root>: cannot use the storage folder: ...`` when its
-        folders cannot be created, ``<root>/index.sqlite3: cannot open the index: ...``
-        when the SQLite index cannot be opened (not a database, unreadable, newer schema).
-    """
-    layout = StorageLayout(root)
-    try:
-        layout.create()
-    except StorageError as exc:
-        raise StorageError(f"{root}: cannot use the storage folder: {exc}") from exc
-    try:
-        index = Index.open(layout.index_path, recover=True)
-    except StorageError as exc:
-        raise StorageError(f"{layout.index_path}: cannot open the index: {exc}") from exc
-    return Storage(layout, index, min_free_bytes=min_free_bytes)
 
 
 class PredictorHolder:
@@ -133,7 +110,7 @@ class Node:
         # certificates first: a TLS file that cannot be used stops the start, naming the file
         listening_tls = server_context(node_cfg.tls)
         outgoing_tls = client_context(node_cfg.tls) if any(p.tls for p in config.peers) else None
-        storage = open_storage(config.storage.root, node_cfg.min_free_bytes)
+        storage = Storage.open(config.storage.root, min_free_bytes=node_cfg.min_free_bytes, recover=True)
         try:
             return cls._start_serving(config, storage, listening_tls, outgoing_tls, load_model)
         except BaseException:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from storage.database import Database
-from storage.errors import RecordNotFoundError, StorageError
+from storage.errors import RecordNotFoundError, SchemaVersionError, StorageError
 from storage.jobs import JobQueueMixin, enqueue
 from storage.query import QueryMixin
 from storage.records import InstanceRecord, SeriesRecord
@@ -95,8 +95,10 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
         try:
             try:
                 migrate(database.connection())
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot migrate the index {path.name}: {exc}") from exc
+            except SchemaVersionError as exc:
+                raise SchemaVersionError(f"{path}: {exc}") from exc
+            except (sqlite3.Error, StorageError) as exc:  # not a database, unreadable, a failed migration
+                raise StorageError(f"{path}: cannot open the index: {exc}") from exc
             index = cls(database)
             if recover:
                 index.requeue_stale_running_jobs()

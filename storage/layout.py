@@ -129,7 +129,8 @@ class StorageLayout:
             try:
                 _make_dirs_durable(folder)
             except OSError as exc:
-                raise StorageError(f"cannot create {folder}: {exc}") from exc
+                message = f"{self.root}: cannot use the storage folder: cannot create {folder}: {exc}"
+                raise StorageError(message) from exc
 
     def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """Relative path (``/`` separators) of an instance; raises InvalidUIDError for unsafe UIDs."""
