@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -357,9 +358,16 @@ def test_find_is_cancelled(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> Non
     import node.qr
 
     build = node.qr.response_identifier
+    cancel_sent = threading.Event()
+    built = 0
 
-    def slow_response(*args: object) -> Dataset:  # 400 matches take ~2 s: the C-CANCEL arrives mid-way
-        time.sleep(0.005)
+    def slow_response(*args: object) -> Dataset:
+        """The first match at once; the others only after the C-CANCEL left, 5 ms each (399 take ~2 s)."""
+        nonlocal built
+        built += 1
+        if built > 1:
+            assert cancel_sent.wait(30), "the test never sent its C-CANCEL"
+            time.sleep(0.005)
         return build(*args)
 
     monkeypatch.setattr(node.qr, "response_identifier", slow_response)
@@ -380,8 +388,10 @@ def test_find_is_cancelled(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> Non
         first_status, first = next(responses)
         assert first_status.Status == PENDING and first.SOPInstanceUID
         assoc.send_c_cancel(7, context_id)
+        cancel_sent.set()
         status, _, _, pending = _final_status(responses)
     finally:
+        cancel_sent.set()  # a failure above must not leave the handler waiting
         assoc.release()
     assert status == CANCEL
     assert pending + 1 < total
