@@ -3,10 +3,12 @@
 A volume is ``<base><vol_suffix><ext>``, its mask ``<base><mask_suffix><ext>``, in
 ``vols_dir`` / ``masks_dir`` (default ``<data_root>/NIfTI``), searched recursively or
 not. When a base exists with several extensions the first extension of the configured
-list wins (``.nii.gz`` before ``.nii``). Volumes of the same name in different folders
-(per-patient folders) are different cases, each paired with the mask in its own folder
-and named ``<folder>_<base>``. Cases without a mask are reported, never trained on as
-empty masks.
+list wins (``.nii.gz`` before ``.nii``; extensions match in any letter case). Volumes or masks of
+the same name in different folders (per-patient folders) are different cases, each paired
+with the mask in its own folder and named ``<folder>_<base>`` (``<base>`` in the searched
+folder itself). Cases without a mask are reported, never trained on as empty masks; so
+are files with a NIfTI extension that are neither a volume (``vol_suffix``) nor a mask,
+and case names that two files would share.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class DiscoveryReport:
     volumes_without_mask: list[str] = field(default_factory=list)
     masks_without_volume: list[str] = field(default_factory=list)
     duplicates: list[tuple[str, Path, Path]] = field(default_factory=list)  # (base, kept, ignored)
+    unrecognised: list[Path] = field(default_factory=list)  # NIfTI files neither volume nor mask
 
     @property
     def masked_cases(self) -> list[Case]:
@@ -60,6 +63,9 @@ class DiscoveryReport:
             )
         for base, kept, ignored in self.duplicates:
             lines.append(f"duplicate {base!r}: using {kept}, ignoring {ignored}")
+        if self.unrecognised:
+            names = [str(p) for p in self.unrecognised]
+            lines.append(f"{len(names)} file(s) neither a volume nor a mask (suffixes): {_preview(names)}")
         return "\n".join(lines)
 
 
@@ -69,17 +75,24 @@ def _preview(items: Sequence[str], n: int = 5) -> str:
 
 
 def _split_extension(name: str, extensions: Sequence[str]) -> tuple[str, str] | None:
+    lowered = name.lower()
     for ext in sorted(extensions, key=len, reverse=True):  # .nii.gz before .nii
-        if name.endswith(ext):
+        if lowered.endswith(ext.lower()):
             return name[: -len(ext)], ext
     return None
 
 
-def _list_files(folder: Path, recursive: bool) -> list[Path]:
+def _list_files(folder: Path, recursive: bool, skip: Path | None = None) -> list[Path]:
+    """Files of ``folder`` (and its sub-folders when ``recursive``), leaving out those under ``skip``."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
     pattern = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in pattern if p.is_file())
+    skipped = skip.resolve() if skip is not None else None
+    return sorted(p for p in pattern if p.is_file() and (skipped is None or not p.resolve().is_relative_to(skipped)))
+
+
+def _without(stem: str, suffix: str) -> str:
+    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
 
 
 Found = list[tuple[Path, str, str]]  # (path, extension, folder relative to the searched root)
@@ -97,22 +110,25 @@ def _pick(base: str, found: Found, extensions: Sequence[str], report: DiscoveryR
 
 
 def _per_folder(base: str, volumes: Found, masks: Found) -> list[tuple[str, Found, Found]]:
-    """``(case base, volumes, masks)``: one case, or one per folder when volumes named ``base`` lie in several.
+    """``(case base, volumes, masks)``: one case, or one per folder when the volumes or the masks
+    named ``base`` lie in several folders.
 
     Per-patient folders (``P1/scan.nii.gz``, ``P2/scan.nii.gz``) are different cases, each
-    paired with the mask of its own folder and named after it (``P1_scan``, ``P2_scan``).
+    paired with the mask of its own folder and named after it (``P1_scan``, ``P2_scan``); a
+    mask is never borrowed from another patient's folder. A volume and a mask each alone in
+    its folder (``images/a.nii.gz``, ``labels/a_mask.nii.gz``) pair across folders.
     """
     volume_folders = {folder for _path, _ext, folder in volumes}
-    if len(volume_folders) <= 1:
+    mask_folders = {folder for _path, _ext, folder in masks}
+    if len(volume_folders) <= 1 and len(mask_folders) <= 1:
         return [(base, volumes, masks)]
-    folders = sorted(volume_folders | {folder for _path, _ext, folder in masks})
     return [
         (
-            f"{folder.replace('/', '_')}_{base}",
+            base if folder == "." else f"{folder.replace('/', '_')}_{base}",
             [v for v in volumes if v[2] == folder],
             [m for m in masks if m[2] == folder],
         )
-        for folder in folders
+        for folder in sorted(volume_folders | mask_folders)
     ]
 
 
@@ -141,34 +157,44 @@ def discover(
         ``base -> patient_id`` (from ``demographics.csv``) to attach to the cases.
     """
     extensions = list(extensions)
-    separate_masks = masks_dir is not None and Path(masks_dir).resolve() != Path(vols_dir).resolve()
+    masks_root = Path(masks_dir) if masks_dir is not None else None
+    if masks_root is not None and masks_root.resolve() == Path(vols_dir).resolve():
+        masks_root = None
     volumes: dict[str, Found] = {}
     masks: dict[str, Found] = {}
+    report = DiscoveryReport()
 
-    def classify(root: Path, masks_only: bool) -> None:
-        for path in _list_files(root, recursive):
+    def classify(root: Path, masks_only: bool, skip: Path | None = None) -> None:
+        for path in _list_files(root, recursive, skip):
             split = _split_extension(path.name, extensions)
             if split is None:
                 continue
             stem, ext = split
             entry = (path, ext, path.parent.relative_to(root).as_posix())
             if mask_suffix and stem.endswith(mask_suffix):
-                masks.setdefault(stem[: -len(mask_suffix)], []).append(entry)
-            elif masks_only:
-                masks.setdefault(stem, []).append(entry)
+                masks.setdefault(_without(stem, mask_suffix), []).append(entry)
+            elif masks_only:  # also a mask named exactly like its volume
+                masks.setdefault(_without(stem, vol_suffix), []).append(entry)
             elif not vol_suffix or stem.endswith(vol_suffix):
-                volumes.setdefault(stem[: -len(vol_suffix)] if vol_suffix else stem, []).append(entry)
+                volumes.setdefault(_without(stem, vol_suffix), []).append(entry)
+            else:
+                report.unrecognised.append(path)
 
-    classify(Path(vols_dir), masks_only=False)
-    if separate_masks:
-        classify(Path(masks_dir), masks_only=True)  # type: ignore[arg-type]
+    classify(Path(vols_dir), masks_only=False, skip=masks_root)  # a masks folder inside holds no volumes
+    if masks_root is not None:
+        classify(masks_root, masks_only=True)
 
-    report = DiscoveryReport()
     ids = patient_ids or {}
+    named: dict[str, Path] = {}  # case name -> the file that took it first
     for name in sorted(set(volumes) | set(masks)):
         for base, found_volumes, found_masks in _per_folder(name, volumes.get(name, []), masks.get(name, [])):
             volume = _pick(base, found_volumes, extensions, report)
             mask = _pick(base, found_masks, extensions, report)
+            file = volume or mask
+            assert file is not None  # every folder _per_folder returns holds one or the other
+            if (first := named.setdefault(base, file)) != file:  # "P1/scan" and "P1_scan" both name P1_scan
+                report.duplicates.append((base, first, file))
+                continue
             if volume is None:
                 report.masks_without_volume.append(base)
                 if allow_mask_as_volume and mask is not None:
@@ -185,7 +211,7 @@ def read_demographics(csv_path: Path) -> dict[str, dict[str, str]]:
     """Rows of a ``demographics.csv`` keyed by ``file_base`` (or ``base``); empty when absent."""
     if not csv_path.is_file():
         return {}
-    with csv_path.open(newline="", encoding="utf-8") as handle:
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark
         reader = csv.DictReader(handle)
         columns = {c.lower().strip(): c for c in (reader.fieldnames or [])}
         base_col = columns.get("file_base") or columns.get("base")

@@ -50,7 +50,8 @@ def make_split(cases: Sequence[Case], val_size: float, test_size: float, seed: i
     """Split cases by patient (a patient's cases never straddle two subsets).
 
     Cases without a patient id form their own group. The result depends only on the
-    set of (base, patient) pairs and the seed, not on the order given.
+    set of (base, patient) pairs and the seed, not on the order given. At least one group
+    is left for training: with few groups the test set shrinks first, then validation.
     """
     groups: dict[str, list[str]] = {}
     for case in cases:
@@ -62,6 +63,11 @@ def make_split(cases: Sequence[Case], val_size: float, test_size: float, seed: i
     n_val = math.floor(val_size * n + 0.5) if val_size > 0 else 0
     if val_size > 0 and n_val == 0 and n - n_test >= 2:
         n_val = 1
+    while n_test + n_val >= n and n_test + n_val > 0:  # keep one group to train on: test gives way first
+        if n_test > 0:
+            n_test -= 1
+        else:
+            n_val -= 1
     shuffled = [keys[i] for i in order]
 
     def bases(selected: list[str]) -> list[str]:

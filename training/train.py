@@ -175,15 +175,13 @@ def validate(
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _append_logs(paths: RunPaths, row: dict[str, Any]) -> None:
-    with paths.log_jsonl.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
-    new = not paths.log_csv.exists()
-    with paths.log_csv.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def _write_logs(paths: RunPaths, history: Sequence[dict[str, Any]]) -> None:
+    """Both logs rewritten from the run's history: a resumed run repeats no epoch's row."""
+    paths.log_jsonl.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    with paths.log_csv.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
 
 
 def _make_checkpoint(
@@ -367,6 +365,7 @@ def train(
             losses.append(float(loss.detach()))
             elapsed = time.monotonic() - epoch_start
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", vol_s=f"{len(losses) * cfg.batch_size / elapsed:.1f}")
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
         train_loss = float(np.mean(losses))
         if distributed.joined:
@@ -382,7 +381,7 @@ def train(
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
             "val_dice": None if val_dice is None else round(val_dice, 6),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "epoch_seconds": round(time.monotonic() - epoch_start, 2),
             "elapsed_minutes": round((time.monotonic() - started) / 60, 3),
         }
@@ -390,8 +389,9 @@ def train(
         improved = val_dice is None or val_dice > best
         if improved:
             best, best_epoch = (val_dice if val_dice is not None else best), epoch
+        stop = _out_of_time(cfg.max_minutes, started, distributed, device)
         if distributed.is_main:
-            _append_logs(paths, row)
+            _write_logs(paths, history)
             plot_curves(history, paths.curves)
             if improved:
                 metrics = {
@@ -405,7 +405,8 @@ def train(
                     "world_size": distributed.world_size,
                 }
                 save_checkpoint(_make_checkpoint(model, config, metrics, command), paths.checkpoint)
-            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            # last.pth follows every new best and every stop, so a resume never rolls the best back
+            if improved or stop or epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                 state = {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -429,7 +430,7 @@ def train(
             "n/a" if val_dice is None else f"{val_dice:.4f}",
             row["epoch_seconds"],
         )
-        if _out_of_time(cfg.max_minutes, started, distributed, device):
+        if stop:
             log.info("stopping after %.1f minutes (train.max_minutes)", (time.monotonic() - started) / 60)
             break
     if distributed.is_main and cfg.calibrate_threshold and split.val and paths.checkpoint.exists():

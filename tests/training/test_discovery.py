@@ -63,6 +63,33 @@ def test_per_patient_folders_with_the_same_file_names_are_separate_cases(tmp_pat
     assert [(base, ignored.name) for base, _kept, ignored in report.duplicates] == [("P2_scan", "scan.nii")]
 
 
+def test_a_mask_is_never_borrowed_from_another_folder(tmp_path: Path) -> None:
+    _touch(tmp_path, "P1/scan_mask.nii.gz", "P2/scan.nii.gz", "P2/scan_mask.nii.gz", "scan.nii.gz")
+    report = discover(tmp_path)
+    pairs = {c.base: (c.volume.relative_to(tmp_path).as_posix(), c.mask and c.mask.parent.name) for c in report.cases}
+    assert pairs == {"P2_scan": ("P2/scan.nii.gz", "P2"), "scan": ("scan.nii.gz", None)}
+    assert report.masks_without_volume == ["P1_scan"]  # P1's volume is missing: its mask is reported, not lent
+    assert report.volumes_without_mask == ["scan"]
+
+
+def test_two_files_claiming_one_case_name_are_reported(tmp_path: Path) -> None:
+    _touch(tmp_path, "P1/scan.nii.gz", "P1/scan_mask.nii.gz", "P2/scan.nii.gz", "P1_scan.nii.gz")
+    report = discover(tmp_path)
+    assert [c.base for c in report.cases] == ["P1_scan", "P2_scan"]
+    assert [(base, kept.name, ignored.name) for base, kept, ignored in report.duplicates] == [
+        ("P1_scan", "P1_scan.nii.gz", "scan.nii.gz")
+    ]
+    assert "duplicate 'P1_scan'" in report.summary()
+
+
+def test_files_neither_volume_nor_mask_are_reported(tmp_path: Path) -> None:
+    _touch(tmp_path, "a_vol.NII.GZ", "a_seg.nii.gz", "b.nii.gz", "readme.txt")
+    report = discover(tmp_path, vol_suffix="_vol", mask_suffix="_seg")
+    assert [(c.base, c.volume.name) for c in report.masked_cases] == [("a", "a_vol.NII.GZ")]
+    assert [p.name for p in report.unrecognised] == ["b.nii.gz"]
+    assert "1 file(s) neither a volume nor a mask" in report.summary()
+
+
 def test_separate_mask_folder(tmp_path: Path) -> None:
     _touch(tmp_path / "vols", "a.nii.gz", "b.nii.gz")
     _touch(tmp_path / "labels", "a.nii.gz", "b_mask.nii.gz")  # either naming works in a masks folder
@@ -71,6 +98,15 @@ def test_separate_mask_folder(tmp_path: Path) -> None:
         ("a", "labels"),
         ("b", "labels"),
     ]
+
+
+def test_masks_folder_inside_the_volumes_folder(tmp_path: Path) -> None:
+    _touch(tmp_path / "vols", "a_ct.nii.gz", "masks/a_ct.nii.gz")  # the mask named exactly like its volume
+    report = discover(tmp_path / "vols", tmp_path / "vols" / "masks", vol_suffix="_ct")
+    assert [(c.base, c.volume.parent.name, c.mask and c.mask.parent.name) for c in report.cases] == [
+        ("a", "vols", "masks")
+    ]
+    assert not report.masks_without_volume and not report.unrecognised
 
 
 def test_mask_as_volume_only_when_asked(tmp_path: Path) -> None:
@@ -91,6 +127,8 @@ def test_demographics(tmp_path: Path) -> None:
     assert read_patient_ids(csv_path) == {"a": "P1", "b": "P1", "c": "P2"}
     assert read_demographics(csv_path)["c"]["age"] == "70"
     assert read_patient_ids(tmp_path / "absent.csv") == {}
+    csv_path.write_text("file_base,patient_id\na,P1\n", encoding="utf-8-sig")  # as a spreadsheet saves it
+    assert read_patient_ids(csv_path) == {"a": "P1"}
 
 
 def _cases(n: int, per_patient: int = 1) -> list[Case]:
@@ -116,3 +154,10 @@ def test_split_keeps_patients_together() -> None:
         bases = {f"c{i:03d}" for i in range(patient * 3, patient * 3 + 3)}
         assert sum(bool(bases & s) for s in subsets) == 1
         assert any(bases <= s for s in subsets)
+
+
+def test_split_always_leaves_cases_to_train_on() -> None:
+    for n in (2, 3):
+        split = make_split(_cases(n), val_size=0.3, test_size=0.3, seed=1)
+        assert split.train and split.val  # the test set gave way first
+        assert sorted(split.train + split.val + split.test) == [f"c{i:03d}" for i in range(n)]

@@ -72,8 +72,10 @@ def test_resume_continues_where_the_run_stopped(
     full = tmp_path / "full.pth"
     assert _train(dataset, full, "--epochs", "3") == 0
     part = tmp_path / "part.pth"
-    assert _train(dataset, part, "--epochs", "3", "--max_minutes", "0.0001") == 0  # stops after epoch 1
+    # stops after epoch 1, which is no checkpoint epoch: last.pth is written for the stop all the same
+    assert _train(dataset, part, "--epochs", "3", "--max_minutes", "0.0001", "--set", "train.checkpoint_every=2") == 0
     assert [h["epoch"] for h in _history(part)] == [1]
+    assert _history(part)[0]["lr"] == pytest.approx(0.01)  # the rate epoch 1 trained at, not the next one's
     capsys.readouterr()
     # other model settings than the run's: named, and the run's files stay resumable
     assert _train(dataset, part, "--epochs", "3", "--resume", "--set", "model.init_features=8") == 2
@@ -82,6 +84,8 @@ def test_resume_continues_where_the_run_stopped(
     assert _train(dataset, part, "--epochs", "3", "--resume") == 0
     resumed = _history(part)
     assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    with (tmp_path / "part_run" / "log.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2", "3"]  # no row twice
     # the interrupted-and-resumed run retraces the uninterrupted one
     assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in _history(full)], rel=1e-3)
 
