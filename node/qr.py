@@ -49,12 +49,13 @@ from node.network import NODELAY_HANDLERS, PeerAddress
 from node.policy import AccessPolicy, refuse_unless_allowed
 from node.response_guard import GUARD_HANDLERS
 from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
-from storage.query import UNIQUE_KEYS
+from storage.query import UNIQUE_KEYS, supported_keys
 
 log = logging.getLogger(__name__)
 
 # DIMSE statuses of the Query/Retrieve service class (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)
 PENDING = 0xFF00
+PENDING_WARNING = 0xFF01  # pending; one or more optional keys not supported
 CANCEL = 0xFE00
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -124,29 +125,38 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def unsupported_keys(request: Dataset, level: QueryLevel) -> list[str]:
+    """Keys of a C-FIND request the index cannot match or return at ``level`` (PS3.4 C.2.2.1.3).
+
+    They are left out of the responses, whose status is then :data:`PENDING_WARNING`.
+    Sequences, private and unknown elements are among them.
+    """
+    supported = supported_keys(level)
+    return [
+        element.keyword or str(element.tag)
+        for element in request
+        if element.tag not in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET, _RETRIEVE_AE_TITLE)
+        and element.keyword not in supported
+    ]
+
+
 def response_identifier(request: Dataset, query: Query, match: Match, retrieve_ae_title: str) -> Dataset:
     """The C-FIND response identifier of one match.
 
-    Holds every element of the request (same tags and VRs, in the same order)
-    filled from the match, empty when the index does not hold it; adds the
-    unique keys of the query level and the levels above it, and Specific
-    Character Set (UTF-8) when a value is not ASCII.
+    Holds the request's supported keys (same tags and VRs) filled from the
+    match, empty when the entity has no value; adds the unique keys of the
+    query level and the levels above it, Retrieve AE Title (always: the node
+    offers no storage media, PS3.4 C.4.1.1.3.2), and Specific Character Set
+    (UTF-8) when a value is not ASCII. Unsupported keys
+    (:func:`unsupported_keys`) are not returned.
     """
+    supported = supported_keys(query.level)
     response = Dataset()
+    response.QueryRetrieveLevel = query.level.value
     for element in request:
-        tag = element.tag
-        if tag == _SPECIFIC_CHARACTER_SET:
-            continue
-        if tag == _QUERY_RETRIEVE_LEVEL:
-            response.QueryRetrieveLevel = query.level.value
-        elif element.VR == "SQ":
-            response.add_new(tag, "SQ", [])
-        elif tag == _RETRIEVE_AE_TITLE:
-            response.add_new(tag, element.VR, retrieve_ae_title)
-        else:
-            response.add_new(tag, element.VR, _dicom_value(match.value(element.keyword) if element.keyword else None))
-    if "QueryRetrieveLevel" not in response:
-        response.QueryRetrieveLevel = query.level.value
+        if element.keyword in supported:
+            response.add_new(element.tag, element.VR, _dicom_value(match.value(element.keyword)))
+    response.RetrieveAETitle = retrieve_ae_title
     for level in query.model.levels[: query.model.levels.index(query.level) + 1]:
         keyword = UNIQUE_KEYS[level]
         if keyword not in response:
@@ -227,12 +237,16 @@ def handle_find(
         _audit_request(event, audit, "query", "C-FIND", len(matches), level=query.level)
         request = event.identifier
         ae_title = event.assoc.acceptor.ae_title.strip()
+        pending = PENDING
+        if unsupported := unsupported_keys(request, query.level):
+            log.info("C-FIND keys not supported at %s level (not returned): %s", query.level, ", ".join(unsupported))
+            pending = PENDING_WARNING
         for match in matches:
             if event.is_cancelled:
                 log.info("C-FIND cancelled by the requestor")
                 yield CANCEL, None
                 return
-            yield PENDING, response_identifier(request, query, match, ae_title)
+            yield pending, response_identifier(request, query, match, ae_title)
     except (StorageError, OSError) as exc:
         log.error("C-FIND failed: the index cannot be read: %s", exc)
         yield UNABLE_TO_PROCESS, None

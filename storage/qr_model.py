@@ -105,6 +105,20 @@ UNIQUE_KEYS: Mapping[QueryLevel, str] = MappingProxyType(
     }
 )
 MODALITIES_IN_STUDY = "ModalitiesInStudy"
+#: Required Keys that are not unique keys (PS3.4 C.6.1.1, C.6.2.1): an entity without a value for one
+#: matches any value of it (C.2.2.1.2). PatientID, a unique key in the Patient Root, is not among them.
+REQUIRED_KEYS: frozenset[str] = frozenset(
+    {
+        "PatientName",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "Modality",
+        "SeriesNumber",
+        "InstanceNumber",
+    }
+)
 
 # Computed (aggregate) attributes: DICOM keyword -> field name of the match rows.
 COMPUTED: Mapping[str, str] = MappingProxyType(

@@ -8,10 +8,14 @@ backslash). Supported matching, per value representation:
 
 - universal matching: an empty value (or ``*``) matches everything;
 - single value: exact and case-sensitive (``CS``, ``LO``, ``SH``...),
-  case-insensitive for person names (``PN``, ASCII letters only);
+  case-insensitive for person names (``PN``, ASCII letters only, trailing empty
+  name components ignored: ``Roe^John`` matches ``Roe^John^^``);
 - wildcards ``*`` and ``?`` (not for UIDs, dates, times and numbers);
-- lists: backslash-separated values match any of them (UID lists, and
-  ``ModalitiesInStudy``);
+- lists: backslash-separated values match any of them (UIDs, and also text,
+  person names and numbers, ``ModalitiesInStudy`` included);
+- a Required Key (PS3.4 C.6.1.1, C.6.2.1) the entity holds no value for
+  matches any value (C.2.2.1.2): a study without a Study Time is found by
+  every Study Time range;
 - date and time ranges ``A-B``, ``A-`` and ``-B`` (inclusive; a partial
   time such as ``10`` or ``1030`` covers its whole hour or minute).
 
@@ -37,6 +41,7 @@ from storage.qr_model import (
     BY_KEYWORD,
     MATCH_TYPES,
     MODALITIES_IN_STUDY,
+    REQUIRED_KEYS,
     UNIQUE_KEYS,
     Attribute,
     InformationModel,
@@ -119,9 +124,9 @@ def _any_of(column: str, values: Sequence[str], kind: ValueKind) -> tuple[str, l
     params: list[Any] = []
     exact = []
     for value in values:
-        if kind is ValueKind.PERSON_NAME:
-            clauses.append(f"{column} LIKE ? ESCAPE '\\'")
-            params.append(_like_pattern(value))
+        if kind is ValueKind.PERSON_NAME:  # "Roe^John" and "Roe^John^^" are one name (PS3.5 6.2.1)
+            clauses.append(f"rtrim({column}, '^= ') LIKE ? ESCAPE '\\'")
+            params.append(_like_pattern(value.rstrip("^= ")))
         elif "*" in value or "?" in value:
             clauses.append(f"{column} GLOB ?")
             params.append(_glob_pattern(value))
@@ -217,8 +222,12 @@ def _where(query: Query, keywords: Sequence[str] | None = None) -> _Where:
             logger.debug("key %s ignored at %s level", keyword, query.level)
             continue
         condition = _condition(attribute, value)
-        if condition is not None:
-            where.add(*condition)
+        if condition is None:
+            continue
+        clause, params = condition
+        if keyword in REQUIRED_KEYS:  # no value held: a successful match (C.2.2.1.2)
+            clause = f"{attribute.column} IS NULL OR {attribute.column} = '' OR ({clause})"
+        where.add(clause, params)
     return where
 
 

@@ -131,6 +131,8 @@ def test_findscu_series_level_modality_seg(setup: Setup, tmp_path: Path) -> None
     )
     output = _run("findscu", setup.node, "-S", *keys, "-X", "-od", str(tmp_path), cwd=tmp_path)
     (response,) = _responses(tmp_path)
+    assert "Find Response 1 (Pending)" in output  # 0xFF00: every key supported
+    assert response.RetrieveAETitle == NODE_AE  # returned though not asked for (PS3.4 C.4.1.1.3.2)
     assert response.QueryRetrieveLevel == "SERIES"
     assert response.Modality == "SEG"
     assert response.SeriesInstanceUID == study.seg.SeriesInstanceUID
@@ -148,9 +150,14 @@ def test_findscu_study_level_modalities_in_study(setup: Setup, tmp_path: Path) -
         "StudyInstanceUID",
         "NumberOfStudyRelatedSeries",
         "NumberOfStudyRelatedInstances",
+        "PatientComments",  # not held by the index
+        "(0009,0010)=ACME",  # private
     )
-    _run("findscu", setup.node, "-P", *keys, "-X", "-od", str(tmp_path), cwd=tmp_path)
+    output = _run("findscu", setup.node, "-P", *keys, "-X", "-od", str(tmp_path), cwd=tmp_path)
     (response,) = _responses(tmp_path)
+    # 0xFF01: optional keys not supported, and not returned
+    assert "Find Response 1 (Pending: WarningUnsupportedOptionalKeys)" in output
+    assert "PatientComments" not in response and 0x00090010 not in response
     assert response.StudyInstanceUID == setup.study.study_uid
     assert list(response.ModalitiesInStudy) == ["NM", "SEG"]
     assert str(response.PatientName) == "Test^QR"
@@ -445,6 +452,7 @@ def test_response_identifier_declares_utf8_for_non_ascii_values() -> None:
     assert decoded.SpecificCharacterSet == "ISO_IR 192"
     assert str(decoded.PatientName) == "Müller^Jürgen"
     assert list(decoded.ModalitiesInStudy) == ["NM", "SEG"]
-    assert decoded.PatientComments in ("", None)  # asked for, not held by the index: returned empty
+    assert "PatientComments" not in decoded  # asked for, not held by the index: not returned
+    assert decoded.RetrieveAETitle == NODE_AE
     assert "StudyDate" not in decoded  # not asked for
     assert decoded.QueryRetrieveLevel == "STUDY" and decoded.StudyInstanceUID == "1.2.3"

@@ -39,9 +39,14 @@ def filled(index: Index, make_record: Callable[..., InstanceRecord]) -> Index:
         study_description="SPECT MPI rest",
         referring_physician_name="House^Gregory",
     )
-    study2 = dict(jane, study_date="20240301", study_time="141500", study_description="Rest [low dose]")
+    study2 = dict(
+        jane, study_date="20240301", study_time="141500", accession_number="A2", study_description="Rest [low dose]"
+    )
     john = dict(patient_id="P2", patient_name="Roe^John", patient_birth_date="19700505", patient_sex="M")
-    study3 = dict(john, study_date="20231231", study_time="235959", study_description="Bone scan")
+    study3 = dict(
+        john, study_date="20231231", study_time="235959", accession_number="A3", study_description="Bone scan"
+    )
+    noon = dict(study_time="120000", accession_number="A4", modality="NM", series_number=1, instance_number=1)
     records = [
         make_record("1.1.1.1", "1.1.1", "1.1", modality="NM", series_number=1, instance_number=1, **study1),
         make_record("1.1.1.2", "1.1.1", "1.1", modality="NM", series_number=1, instance_number=2, **study1),
@@ -49,9 +54,9 @@ def filled(index: Index, make_record: Callable[..., InstanceRecord]) -> Index:
         make_record("1.2.1.1", "1.2.1", "1.2", modality="NM", series_number=1, **study2),
         make_record("1.3.1.1", "1.3.1", "1.3", modality="CT", sop_class_uid=CT_STORAGE, **study3),
         make_record("1.3.2.1", "1.3.2", "1.3", modality="NM", series_number=2, **study3),
-        make_record("1.4.1.1", "1.4.1", "1.4", patient_id="P_3", patient_name="A_B", study_date="20240102"),
-        make_record("1.5.1.1", "1.5.1", "1.5", patient_id="PX3", patient_name="AXB", study_date="20240103"),
-        make_record("1.5.1.2", "1.5.1", "1.5", patient_id="PX3", patient_name="AXB", study_date="20240103"),
+        make_record("1.4.1.1", "1.4.1", "1.4", patient_id="P_3", patient_name="A_B", study_date="20240102", **noon),
+        make_record("1.5.1.1", "1.5.1", "1.5", patient_id="PX3", patient_name="AXB", study_date="20240103", **noon),
+        make_record("1.5.1.2", "1.5.1", "1.5", patient_id="PX3", patient_name="AXB", study_date="20240103", **noon),
     ]
     for record in records:
         index.add_instance(record)
@@ -89,6 +94,22 @@ def test_single_value_matching(filled: Index) -> None:
     assert _studies(filled, PatientName="doe^jane") == ["1.1", "1.2"]  # PN is not
     assert _studies(filled, ReferringPhysicianName="HOUSE^GREGORY") == ["1.1"]
     assert _studies(filled, PatientID="P1", StudyDate="20240301") == ["1.2"]  # keys combine with AND
+
+
+def test_an_unknown_required_key_matches_every_value(filled: Index, make_record: Callable[..., InstanceRecord]) -> None:
+    """PS3.4 C.2.2.1.2: a Required Key the entity holds no value for is a successful match."""
+    filled.add_instance(
+        make_record("1.6.1.1", "1.6.1", "1.6", patient_id="P6", patient_name="", study_date="20240105", modality=None)
+    )
+    assert _studies(filled, AccessionNumber="A1") == ["1.1", "1.6"]
+    assert _studies(filled, StudyTime="0930-1000") == ["1.1", "1.6"]
+    assert _studies(filled, PatientName="Doe*") == ["1.1", "1.2", "1.6"]
+    assert _series(filled, Modality="CT") == ["1.3.1", "1.6.1"]
+    assert _studies(filled, StudyDate="20240115") == ["1.1"]  # it has a Study Date: ordinary matching
+    assert _studies(filled, StudyDescription="SPECT*") == ["1.1"]  # an optional key: no value, no match
+    assert _studies(filled, PatientID="P1") == ["1.1", "1.2"]  # the Patient Root's unique key: no value, no match
+    # trailing empty components are no part of a name (P6 has no name: it matches any)
+    assert _patients(filled, PatientName="Roe^John^^") == _patients(filled, PatientName="roe^john") == ["P2", "P6"]
 
 
 def test_wildcards_star_and_question_mark(filled: Index) -> None:
