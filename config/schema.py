@@ -171,6 +171,8 @@ class NodeSection(Section):
     dimse_timeout: float = Field(30.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     maximum_pdu_size: int = Field(0, ge=0)
+    job_max_attempts: int = Field(3, ge=1)
+    job_retry_delay: float = Field(30.0, gt=0)
     send_max_attempts: int = Field(10, ge=1)
     send_retry_window: float = Field(3600.0, gt=0)
     send_backoff_base: float = Field(2.0, gt=0)

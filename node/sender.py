@@ -67,11 +67,20 @@ class ResultSender:
                 self.stop_event.wait(poll_interval)
 
     def send_due(self, now: float | None = None) -> int:
-        """Attempt every delivery that is due now; returns how many were attempted."""
+        """Attempt every delivery that is due now; returns how many were attempted.
+
+        Stops early when :attr:`stop_event` is set: the deliveries claimed and not yet
+        attempted stay ``sending`` and are requeued when the node starts again.
+        """
         deliveries = self.storage.index.claim_due_deliveries(now=now if now is not None else time.time())
+        attempted = 0
         for delivery in deliveries:
+            if self.stop_event.is_set():
+                log.info("stopping: %d claimed delivery(ies) left for the next start", len(deliveries) - attempted)
+                break
             self.attempt(delivery)
-        return len(deliveries)
+            attempted += 1
+        return attempted
 
     def attempt(self, delivery: DeliveryRecord) -> bool:
         """One C-STORE attempt of one delivery; records success or schedules the retry."""

@@ -110,7 +110,12 @@ class Node:
         # certificates first: a TLS file that cannot be used stops the start, naming the file
         listening_tls = server_context(node_cfg.tls)
         outgoing_tls = client_context(node_cfg.tls) if any(p.tls for p in config.peers) else None
-        storage = Storage.open(config.storage.root, min_free_bytes=node_cfg.min_free_bytes, recover=True)
+        storage = Storage.open(
+            config.storage.root,
+            min_free_bytes=node_cfg.min_free_bytes,
+            recover=True,
+            job_max_attempts=node_cfg.job_max_attempts,
+        )
         try:
             return cls._start_serving(config, storage, listening_tls, outgoing_tls, load_model)
         except BaseException:
@@ -149,6 +154,8 @@ class Node:
                     seg_series_description=node_cfg.seg_series_description,
                     destinations=destinations,
                     pause_at=node_cfg.test_pause_at,
+                    max_attempts=node_cfg.job_max_attempts,
+                    retry_delay_s=node_cfg.job_retry_delay,
                 ),
                 worker_id=f"{node_cfg.ae_title}-worker",
                 audit=audit,

@@ -27,7 +27,8 @@ from node.errors import InvalidSeriesError, UnsupportedSeriesError
 from node.seg_encode import build_seg, with_research_marking
 from seg.predictor import Predictor
 from seg.preprocess import voxel_spacing
-from storage import Job, JobState, JobTimings, NewResult, Storage
+from storage import Job, JobState, JobTimings, NewResult, Storage, StorageError
+from storage.errors import InvalidUIDError, JobStateError, RecordNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ RESEARCH_CONTENT = "LV myocardium by spect-node; RESEARCH USE ONLY - NOT FOR CLI
 class WorkerSettings:
     """What the worker needs from the configuration.
 
-    ``pause_at`` is a test-only hook: the worker blocks at that stage of every job (so
-    a test can kill the node there); never set it in production.
+    A job failing on storage (:func:`is_transient`) is retried after ``retry_delay_s``,
+    doubled at each attempt, until it has run ``max_attempts`` times. ``pause_at`` is a
+    test-only hook: the worker blocks at that stage of every job (so a test can kill the
+    node there); never set it in production.
     """
 
     accept_pet_like: bool
@@ -53,6 +56,17 @@ class WorkerSettings:
     seg_series_description: str
     destinations: tuple[str, ...]
     pause_at: str | None = None
+    max_attempts: int = 3
+    retry_delay_s: float = 30.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a job failing with ``exc`` may succeed later: the disk full or below the
+    watermark, an I/O error, the index busy. Not: a bad UID, a job or record the index
+    does not know, or anything about the data or the model."""
+    if isinstance(exc, InvalidUIDError | JobStateError | RecordNotFoundError):
+        return False
+    return isinstance(exc, StorageError | OSError)
 
 
 def seg_uids(job: Job) -> tuple[str, str]:
@@ -122,6 +136,8 @@ class SegmentationWorker:
                     self.wake.wait(poll_interval)
                     continue
                 state = self.process(job)
+                if state == JobState.QUEUED:  # to be retried: no outcome yet
+                    continue
                 self._audit_result(job)
                 if state == JobState.DONE:
                     self.on_result()
@@ -164,8 +180,10 @@ class SegmentationWorker:
         is ``skipped``; one that cannot be converted
         (:class:`~node.errors.InvalidSeriesError`) or any other error, a missing or
         corrupt model included, makes the job ``failed`` with ``"<error type>: <message>"``
-        as its reason. The instances stay stored and no SEG is made. Raises only if
-        the index cannot record the outcome (:meth:`run` then fails the job).
+        as its reason. The instances stay stored and no SEG is made. A storage failure
+        (:func:`is_transient`) puts the job back in the queue (``queued`` is returned)
+        until its last attempt. Raises only if the index cannot record the outcome
+        (:meth:`run` then fails the job).
         """
         index = self.storage.index
         series = job.series_instance_uid
@@ -192,6 +210,13 @@ class SegmentationWorker:
             return JobState.FAILED
         except Exception as exc:  # a job fails with its reason; the node keeps running
             reason = f"{type(exc).__name__}: {exc}"
+            if is_transient(exc) and job.attempts < self.settings.max_attempts:
+                delay = self.settings.retry_delay_s * 2 ** (job.attempts - 1)
+                log.warning("job %d series=%s: %s; retried in %.0f s", job.id, series, reason, delay)
+                index.requeue_job(job.id, reason, delay_s=delay)
+                return JobState.QUEUED
+            if is_transient(exc):
+                reason += f" (attempt {job.attempts} of {self.settings.max_attempts})"
             log.exception("job %d series=%s failed: %s", job.id, series, reason)
             index.finish_job(job.id, JobState.FAILED, reason=reason)
             return JobState.FAILED

@@ -65,6 +65,7 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
         *,
         busy_timeout_s: float = 30.0,
         recover: bool = False,
+        job_max_attempts: int | None = None,
     ) -> Index:
         """Open (creating if needed) and migrate the index database.
 
@@ -78,6 +79,10 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
             Also requeue jobs left ``running`` and deliveries left ``sending``
             by a previous process. Only the process that runs the workers
             should pass True, once, at start-up.
+        job_max_attempts : int or None
+            With ``recover``: a job left ``running`` that already ran this many
+            times is failed instead of requeued (a job that kills the process
+            must not block the queue forever); None requeues every one.
 
         Raises
         ------
@@ -101,7 +106,7 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
                 raise StorageError(f"{path}: cannot open the index: {exc}") from exc
             index = cls(database)
             if recover:
-                index.requeue_stale_running_jobs()
+                index.requeue_stale_running_jobs(max_attempts=job_max_attempts)
                 index.requeue_stale_deliveries()
         except BaseException:
             database.close()
@@ -240,7 +245,9 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
 
         Doing both at once means a crash cannot leave a complete series
         without its job. Marking an already complete series again changes
-        nothing but still (idempotently) enqueues.
+        nothing: it returns the job queued when the series completed, whatever
+        its state now (two associations completing a series at once make one
+        job), and queues one only if that completion had none.
 
         Parameters
         ----------
@@ -258,8 +265,9 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
         Returns
         -------
         int or None
-            Id of the queued (or already active) job; None if ``job_kind`` is None or the
-            series received an instance after ``idle_since``.
+            Id of the queued (or already existing) job; None if ``job_kind`` is None, or
+            for an idle sweep (``idle_since``) if the series received an instance since or
+            was completed meanwhile.
 
         Raises
         ------
@@ -269,19 +277,34 @@ class Index(JobQueueMixin, ResultsMixin, QueryMixin):
         now = time.time() if now is None else now
         with self._db.write() as conn:
             exists = conn.execute(
-                "SELECT state, last_received_at FROM series WHERE series_instance_uid = ?", (series_uid,)
+                "SELECT state, last_received_at, completed_at FROM series WHERE series_instance_uid = ?",
+                (series_uid,),
             ).fetchone()
             if exists is None:
                 raise RecordNotFoundError(f"no series {series_uid}")
-            if idle_since is not None and exists["state"] == "receiving" and exists["last_received_at"] > idle_since:
-                logger.info("series %s received an instance since it went idle: not complete yet", series_uid)
-                return None
-            conn.execute(
+            if idle_since is not None:  # an idle sweep: the series must still be as the sweep saw it
+                if exists["state"] != "receiving":
+                    logger.debug("series %s was completed since the sweep looked at it", series_uid)
+                    return None  # its job is queued or done already: a second one would make a second SEG
+                if exists["last_received_at"] > idle_since:
+                    logger.info("series %s received an instance since it went idle: not complete yet", series_uid)
+                    return None
+            completed = conn.execute(
                 "UPDATE series SET state = 'complete', completed_at = ?"
                 " WHERE series_instance_uid = ? AND state = 'receiving'",
                 (now, series_uid),
-            )
-            job_id = enqueue(conn, series_uid, job_kind, now) if job_kind is not None else None
+            ).rowcount
+            if job_kind is None:
+                return None
+            if not completed:  # already complete: the job of that completion, however it has ended
+                since = conn.execute(
+                    "SELECT id FROM jobs WHERE series_instance_uid = ? AND kind = ? AND created_at >= ?"
+                    " ORDER BY id DESC LIMIT 1",
+                    (series_uid, job_kind, exists["completed_at"]),
+                ).fetchone()
+                if since is not None:  # two stores completing the series at once: one job, one SEG
+                    return int(since["id"])
+            job_id = enqueue(conn, series_uid, job_kind, now)
         logger.info("series %s complete", series_uid)
         return job_id
 

@@ -269,20 +269,20 @@ def purge_study(
 def remove_orphans(storage: Storage, cutoff: float, report: PurgeReport) -> None:
     """Delete files no index row names and last modified before ``cutoff`` (left by an interrupted purge).
 
-    Looks at ``dicom/<study>/`` folders of studies absent from the index and at NIfTI
-    volumes of series absent from it. Recent files are left alone: the receiver writes
-    a file before indexing it.
+    Looks at every file under ``dicom/`` (a study re-sent after the crash keeps its own
+    files; its other leftovers go) and at NIfTI volumes of series absent from the index.
+    Recent files are left alone: the receiver writes a file before indexing it. Each
+    unlink is checked against the index again inside a write transaction, so a file an
+    instance re-sent meanwhile has just been acknowledged with is kept.
     """
     layout = storage.layout
     with storage.index._db.read() as conn:  # package-internal: retention is part of storage
-        studies = {row[0] for row in conn.execute("SELECT DISTINCT study_instance_uid FROM instances")}
+        indexed = {row[0] for row in conn.execute("SELECT path FROM instances")}
         series = {row[0] for row in conn.execute("SELECT series_instance_uid FROM series")}
     remover = _FileRemover(storage, report)
     candidates: list[Path] = []
     if layout.dicom_dir.is_dir():
-        for study_dir in layout.dicom_dir.iterdir():
-            if study_dir.is_dir() and study_dir.name not in studies:
-                candidates.extend(p for p in study_dir.rglob("*") if p.is_file())
+        candidates.extend(p for p in layout.dicom_dir.rglob("*") if p.is_file() and layout.relative(p) not in indexed)
     if layout.nifti_dir.is_dir():
         for path in layout.nifti_dir.glob("*.nii.gz"):
             series_uid = path.name.removesuffix(_MASK_SUFFIX).removesuffix(".nii.gz")
@@ -293,12 +293,18 @@ def remove_orphans(storage: Storage, cutoff: float, report: PurgeReport) -> None
             old = path.stat().st_mtime < cutoff
         except FileNotFoundError:
             continue
-        if old and not report.dry_run and remover.unlink(path):
+        if not old:
+            continue
+        if report.dry_run:
+            report.orphans_removed += 1
+            continue
+        with storage.index._db.write() as conn:  # no receiver indexes it between this check and the unlink
+            named = conn.execute("SELECT 1 FROM instances WHERE path = ?", (layout.relative(path),)).fetchone()
+            removed = named is None and remover.unlink(path)
+        if removed:
             report.orphans_removed += 1
             remover.prune_empty(path.parent)
             logger.info("orphan file %s removed", layout.relative(path))
-        elif old and report.dry_run:
-            report.orphans_removed += 1
 
 
 def purge(

@@ -48,14 +48,18 @@ class Storage:
         min_free_bytes: int = 0,
         busy_timeout_s: float = 30.0,
         recover: bool = False,
+        job_max_attempts: int | None = None,
     ) -> Storage:
         """Create the folders of ``root`` if needed and open its index.
 
-        See :meth:`storage.index.Index.open` for ``busy_timeout_s`` and ``recover``.
+        See :meth:`storage.index.Index.open` for ``busy_timeout_s``, ``recover`` and
+        ``job_max_attempts``.
         """
         layout = StorageLayout(root)
         layout.create()
-        index = Index.open(layout.index_path, busy_timeout_s=busy_timeout_s, recover=recover)
+        index = Index.open(
+            layout.index_path, busy_timeout_s=busy_timeout_s, recover=recover, job_max_attempts=job_max_attempts
+        )
         return cls(layout, index, min_free_bytes=min_free_bytes)
 
     def free_bytes_if_low(self) -> int | None:

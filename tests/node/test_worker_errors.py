@@ -63,3 +63,55 @@ def test_a_study_without_a_heart_fails_its_job_and_sends_no_seg(
     (result,) = [record for record in read_audit(tmp_path / "node" / "audit.jsonl") if record["event"] == "job-result"]
     assert (result["state"], result["series_instance_uid"], result["patient_id"]) == ("failed", series, "NOHEART")
     assert "no myocardium found" in result["reason"] and "seg_sop_instance_uid" not in result
+
+
+def test_a_job_failing_on_storage_is_retried_and_fails_only_after_its_last_attempt(
+    tmp_path: Path, destination_scp: tuple[int, Path]
+) -> None:
+    """A file where the node's NIfTI folder goes makes every write there fail (a real OSError, as
+    a full disk or an I/O error would): the job is retried after 1 s, then 2 s, and failed at
+    its third attempt; once the cause is gone a retry completes the job and the SEG is sent."""
+    peers = [PeerSection(ae_title=STORESCP_AE, host="127.0.0.1", port=destination_scp[0])]
+    config = node_config(tmp_path / "node", "node.job_retry_delay=1", "node.job_max_attempts=3", peers=peers)
+    running = Node.start(config)
+    try:
+        nifti = tmp_path / "node" / "nifti"
+        nifti.rmdir()
+        nifti.write_text("in the way")
+        index = running.storage.index
+        address = PeerAddress("SPECTNODE", "127.0.0.1", running.port)
+        studies = [
+            nifti_to_nm(spect_like_volume(), patient_name=f"Test^Disk{n}", patient_id=f"DISK{n}") for n in (1, 2)
+        ]
+
+        def last_job(study):  # noqa: ANN001, ANN202
+            jobs = index.jobs_for_series(str(study.SeriesInstanceUID))
+            return jobs[-1] if jobs else None
+
+        assert send_datasets(studies[:1], address, "TESTSCU").all_succeeded
+        wait_until(lambda: (job := last_job(studies[0])) is not None and job.state is JobState.FAILED, 60, "failure")
+        failed = last_job(studies[0])
+        assert failed is not None and failed.attempts == 3
+        assert (
+            failed.reason is not None
+            and failed.reason.startswith("FileExistsError")
+            and "attempt 3 of 3" in failed.reason
+        )
+
+        assert send_datasets(studies[1:], address, "TESTSCU").all_succeeded
+        wait_until(
+            lambda: (job := last_job(studies[1])) is not None and job.state is JobState.QUEUED and job.attempts >= 1,
+            60,
+            "a retry",
+        )
+        nifti.unlink()  # gone before the second attempt (1 s) or at worst the third (3 s)
+        wait_until(lambda: (job := last_job(studies[1])) is not None and job.state is JobState.DONE, 60, "the retry")
+        done = last_job(studies[1])
+        assert (
+            done is not None
+            and 2 <= done.attempts <= 3
+            and len(index.jobs_for_series(str(studies[1].SeriesInstanceUID))) == 1
+        )
+        wait_until(lambda: any(destination_scp[1].iterdir()), 60, "the SEG at the destination")
+    finally:
+        running.stop()

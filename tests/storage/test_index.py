@@ -98,6 +98,20 @@ def test_an_idle_sweep_does_not_complete_a_series_an_instance_has_just_reached(
     assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=200.0, idle_since=101.0) is not None
 
 
+def test_a_series_completed_twice_gets_one_job_even_after_it_ran(index: Index, make_record: RecordFactory) -> None:
+    """Two stores reaching the announced count at once, or an idle sweep that looked before the
+    last instance landed, complete the series a second time after its job ran: still one job."""
+    index.add_instance(make_record("1.1", received_at=10.0))
+    (idle,) = index.series_idle_since(100.0)  # the sweep's snapshot, then the series completes ...
+    job = index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=101.0)
+    assert job is not None
+    index.claim_job("w1", now=102.0)
+    index.finish_job(job, JobState.DONE, now=103.0)  # ... and its job runs before the sweep writes
+    assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=104.0, idle_since=idle.last_received_at) is None
+    assert index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=105.0) == job  # the other store's call
+    assert [j.id for j in index.jobs_for_series("1.2.3.1")] == [job]
+
+
 def test_a_re_send_retries_a_series_whose_job_failed_and_only_then(index: Index, make_record: RecordFactory) -> None:
     index.add_instance(make_record("1.1", received_at=10.0))
     job = index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=20.0)
@@ -106,7 +120,7 @@ def test_a_re_send_retries_a_series_whose_job_failed_and_only_then(index: Index,
     index.finish_job(job, JobState.DONE, now=40.0)
     index.add_instance(make_record("1.1", received_at=50.0))  # re-sent after a good job: nothing to do
     assert index.series_idle_since(1000.0) == []
-    retried = index.mark_series_complete("1.2.3.1", SEGMENT_JOB, now=60.0)  # e.g. spect-node reprocess
+    retried = index.enqueue_job("1.2.3.1", SEGMENT_JOB, now=60.0)  # spect-node reprocess
     assert retried is not None and retried != job
     index.claim_job("w1", now=70.0)
     index.finish_job(retried, JobState.FAILED, reason="corrupt slice", now=80.0)

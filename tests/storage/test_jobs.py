@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,23 @@ def test_stale_jobs_over_max_attempts_fail(index: Index) -> None:
     assert job is not None
     assert (job.state, job.attempts, job.finished_at) == (JobState.FAILED, 3, 50.0)
     assert "3 times" in (job.reason or "")
+
+
+def test_a_job_that_keeps_killing_the_node_fails_at_start_up(tmp_path: Path) -> None:
+    """What the node does at each start (``recover`` with ``job_max_attempts``): the job that was
+    running through three crashes is failed, and the one queued behind it is next."""
+    path = tmp_path / "index.sqlite3"
+    with Index.open(path) as first:
+        poison, behind = first.enqueue_job("1.1"), first.enqueue_job("1.2")
+    for _ in range(3):  # start, claim the oldest job, crash while it runs
+        with Index.open(path, recover=True, job_max_attempts=3) as node:
+            claimed = node.claim_job("w1")
+            assert claimed is not None and claimed.id == poison
+    with Index.open(path, recover=True, job_max_attempts=3) as node:
+        failed = node.job(poison)
+        assert failed is not None and failed.state is JobState.FAILED and "interrupted 3 times" in (failed.reason or "")
+        nxt = node.claim_job("w1")
+        assert nxt is not None and nxt.id == behind
 
 
 def test_jobs_lists_newest_first(index: Index) -> None:

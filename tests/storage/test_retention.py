@@ -234,6 +234,26 @@ def test_interrupted_purge_leaves_no_row_without_file_and_the_next_purge_removes
     assert fresh.is_file()
 
 
+def test_orphans_of_a_study_re_sent_after_an_interrupted_purge_are_removed_and_its_new_file_kept(
+    storage: Storage,
+) -> None:
+    old = add_study(storage, "AGAIN", age_days=40)
+    old_files = study_files(storage, old)
+    assert not isinstance(purge_study(storage, old, cutoff=NOW - 30 * DAY), str)  # rows gone, "crash"
+    for path in old_files:
+        os.utime(path, (NOW - 40 * DAY, NOW - 40 * DAY))
+    kept = next(p for p in old_files if dcmread(p).Modality == "NM")
+    again = dcmread(kept)  # the same instance re-sent, byte for byte
+    storage.store_instance(kept.read_bytes(), again, calling_ae_title="MODALITY", received_at=NOW)
+    assert os.stat(kept).st_mtime < NOW - 30 * DAY  # identical bytes: the old file was kept, mtime and all
+
+    report = purge(storage, 30 * DAY, now=NOW)
+
+    assert kept.is_file() and storage.index.instance(str(again.SOPInstanceUID)) is not None
+    assert [p for p in old_files if p.exists()] == [kept]  # the study's other leftovers are gone
+    assert report.orphans_removed == len(old_files) - 1
+
+
 def test_study_received_again_during_the_purge_is_kept(storage: Storage) -> None:
     study = add_study(storage, "AGAIN", age_days=40)
     series = _series_of(storage, study)[0]
