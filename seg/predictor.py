@@ -198,19 +198,24 @@ class Predictor:
         volume
             ``(I, J, K)`` real array in the file's voxel order.
         affine
-            Its 4x4 RAS+ affine (used for reorientation only; the output is on the same grid).
+            Its 4x4 RAS+ affine: the voxel order (reorientation) and the voxel size (the
+            heart box's millimetres, the voxel-size check) come from it; the output is on
+            the same grid.
         """
         if volume.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
         if min(volume.shape) < 1 or not np.all(np.isfinite(affine)):
             raise ValueError(f"unusable volume: shape {volume.shape}, affine finite={np.all(np.isfinite(affine))}")
-        if not np.isfinite(volume).all():
-            raise ValueError(f"{np.count_nonzero(~np.isfinite(volume))} voxel(s) are NaN or infinite")
+        if abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3])) < 1e-12:
+            raise ValueError("unusable affine: a voxel axis has no extent (singular 3x3 part)")
+        with np.errstate(over="ignore"):  # a float64 value beyond float32's range becomes inf: refused below
+            data = np.asarray(volume, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise ValueError(f"{np.count_nonzero(~np.isfinite(data))} voxel(s) are NaN or infinite (as float32)")
         self.warm_up()
         t0 = time.perf_counter()
         header = self.preprocess.orientation_for(affine)
         spacing = voxel_spacing(affine)
-        data = np.asarray(volume, dtype=np.float32)
         best = self._segment(data, header, spacing)
         header_score = best.score
         for pose in canonical_poses()[1:] if self.orientation_search else []:
@@ -218,7 +223,7 @@ class Predictor:
             if attempt.score > max(best.score, header_score + self.POSE_MARGIN):
                 best = attempt
         if self.preprocess.crop_spacing_mm is not None and not best.grid.is_box:
-            log.warning("no myocardium found on the whole field of view; segmenting without the heart box")
+            log.warning("no myocardium found on the whole field of view (no heart box to segment)")
         notes = []
         if best.orientation is not header:
             said = "".join(orientations.ornt2axcodes(header.ornt))

@@ -7,7 +7,7 @@ are 4x4 RAS+ (nibabel's convention).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from nibabel import orientations
@@ -42,6 +42,17 @@ class PreprocessSettings:
     percentile_high: float = 99.9
     reorient: bool = True
     crop_spacing_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings no model could have been trained with (an edited or newer checkpoint)."""
+        if self.normalization not in get_args(Normalization):
+            raise ValueError(f"unknown normalization {self.normalization!r}")
+        if len(self.target_shape) != 3 or min(self.target_shape) < 4:
+            raise ValueError(f"target_shape {self.target_shape} must be 3 sizes of at least 4 voxels")
+        if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
+            raise ValueError(f"percentiles {self.percentile_low}..{self.percentile_high} must rise within 0..100")
+        if self.crop_spacing_mm is not None and not self.crop_spacing_mm > 0:
+            raise ValueError(f"crop_spacing_mm {self.crop_spacing_mm} must be positive")
 
     def to_dict(self) -> dict[str, object]:
         """Plain-dict form stored in checkpoints."""

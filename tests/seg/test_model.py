@@ -72,6 +72,8 @@ def test_unusable_files_are_refused(tmp_path: Path) -> None:
     [
         (lambda raw: raw["model"]["spec"].update(depth=3), "unusable checkpoint settings: TypeError"),
         (lambda raw: raw["preprocess"].update(window=1), "unusable checkpoint settings: TypeError"),
+        (lambda raw: raw["preprocess"].update(normalization="zscore"), "unknown normalization 'zscore'"),
+        (lambda raw: raw["preprocess"].update(percentile_high=0.0), "percentiles 0.0..0.0 must rise"),
         (lambda raw: raw["postprocess"].update(bogus=1), "unusable checkpoint settings: TypeError"),
         (lambda raw: raw.update(threshold=5.0), "threshold 5.0 is not a probability"),
         (lambda raw: raw.update(format_version=raw["format_version"] + 1), "is newer than this code"),

@@ -95,6 +95,10 @@ def test_real_network_runs_on_odd_input(tmp_path: Path) -> None:
     assert set(result.timings) == {"preprocess", "infer", "postprocess"}
     with pytest.raises(ValueError, match="3D"):
         predictor.predict_array(volume[0], np.eye(4))
+    with pytest.raises(ValueError, match="singular"):  # an sform with a zero slice vector
+        predictor.predict_array(volume, np.diag([5.0, 5.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"\d+ voxel\(s\) are NaN or infinite \(as float32\)"):
+        predictor.predict_array(volume.astype(np.float64) * 1e39, np.diag([5.0, 5.0, 5.0, 1.0]))  # inf as float32
 
 
 def test_gated_soft_map_thresholds_to_the_postprocessed_mask() -> None:
