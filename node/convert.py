@@ -52,8 +52,7 @@ from node.nm_reader import (
 
 logger = logging.getLogger(__name__)
 
-NM_IMAGE_STORAGE_RETIRED = "1.2.840.10008.5.1.4.1.1.5"
-_NM_CLASSES = frozenset({NM_IMAGE_STORAGE, NM_IMAGE_STORAGE_RETIRED})
+_NM_CLASSES = frozenset({NM_IMAGE_STORAGE})  # not the retired 1.2.840.10008.5.1.4.1.1.5: no SEG can reference it
 _CT_MR_MODALITIES = frozenset({"CT", "MR"})
 _EMISSION_MODALITIES = frozenset({"PT", "NM"})
 

@@ -41,10 +41,13 @@ _POSITION_TOLERANCE_MM = 1e-3
 
 
 def with_research_marking(text: str) -> str:
-    """``text`` carrying :data:`RESEARCH_MARKING`, shortened to fit a 64-character LO."""
+    """``text`` carrying :data:`RESEARCH_MARKING` whole at its end, shortened to fit a 64-character LO."""
     text = text.strip()
-    if RESEARCH_MARKING.lower() in text.lower():
-        return text[:_LO_MAX]
+    at = text.lower().find(RESEARCH_MARKING.lower())
+    if at >= 0:
+        if len(text) <= _LO_MAX:
+            return text
+        text = (text[:at] + text[at + len(RESEARCH_MARKING) :]).strip(" -")  # put back below, in full
     if not text:
         return RESEARCH_MARKING
     room = _LO_MAX - len(RESEARCH_MARKING) - 3
@@ -52,7 +55,11 @@ def with_research_marking(text: str) -> str:
 
 
 def _shallow_copy(ds: Dataset, without: int | None = None) -> Dataset:
-    """A new dataset sharing ``ds``'s elements (all but the tag ``without``) and its file meta."""
+    """A new dataset sharing ``ds``'s elements (all but the tag ``without``) and its file meta.
+
+    Assigning an existing keyword of the copy would write into the shared element: replace
+    elements instead (``del copy.X`` first).
+    """
     copy = Dataset({tag: element for tag, element in ds.items() if tag != without})
     if hasattr(ds, "file_meta"):
         copy.file_meta = ds.file_meta
@@ -130,6 +137,7 @@ def complete_source(ds: Dataset) -> Dataset:
         if keyword not in copy:
             setattr(copy, keyword, None)
     sex = str(copy.get("PatientSex") or "").strip().upper()
+    del copy.PatientSex  # a new element: the source's own stays as it was
     copy.PatientSex = sex if sex in ("M", "F", "O") else None
     if not copy.get("FrameOfReferenceUID"):
         study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
@@ -195,14 +203,20 @@ def _slice_file_inputs(sources_by_slice: Sequence[Dataset], planes: np.ndarray) 
         [float(v) for v in copy.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient]
         for copy in copies
     ]
-    if len(points) > 1:  # files declaring neither SpacingBetweenSlices nor SliceThickness: the step of the stack
-        step = float(np.median(np.linalg.norm(np.diff(np.asarray(points), axis=0), axis=1)))
+    if len(points) > 1:  # the stack's own step, whatever the headers say (the reader places slices by position)
+        step = format_number_as_ds(_stack_step(points))
         for copy in copies:
             measures = copy.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            measures.SpacingBetweenSlices = step
             if "SliceThickness" not in measures:
-                measures.SliceThickness = format_number_as_ds(step)
+                measures.SliceThickness = step
     positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, point) for point in points]
     return _HighdicomInputs(copies[:1], planes, copies[1:], positions)
+
+
+def _stack_step(points: Sequence[Sequence[float]]) -> float:
+    """Median distance between consecutive slice positions (mm), the slices in stack order."""
+    return float(np.median(np.linalg.norm(np.diff(np.asarray(points, dtype=float), axis=0), axis=1)))
 
 
 def _add_frame_references(seg: hd.seg.Segmentation, sources: Sequence[Dataset]) -> None:
@@ -304,6 +318,7 @@ def build_seg(
         inputs = _slice_file_inputs([by_uid[ref.sop_instance_uid] for ref in converted_series_refs], planes)
     else:
         inputs = _HighdicomInputs([by_uid[ref.sop_instance_uid] for ref in converted_series_refs], planes)
+    single_frames = None if len(uids) == 1 else [by_uid[ref.sop_instance_uid] for ref in converted_series_refs]
 
     seg = hd.seg.Segmentation(
         source_images=inputs.source_images,
@@ -327,6 +342,11 @@ def build_seg(
     )
     if inputs.further_source_images:
         _add_frame_references(seg, [*inputs.source_images, *inputs.further_source_images])
+    if single_frames is not None and len(single_frames) > 1 and not all(is_nm):
+        # highdicom copies the images' SpacingBetweenSlices; the reader placed them by position
+        points = [[float(v) for v in ds.ImagePositionPatient] for ds in single_frames]
+        measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        measures.SpacingBetweenSlices = format_number_as_ds(_stack_step(points))
     logger.info("SEG %s: %d frames", seg.SOPInstanceUID, int(seg.NumberOfFrames))
     return seg
 

@@ -114,6 +114,9 @@ def test_nm_recon_tomo_is_processed_even_with_modality_ot(headers):
     ge_style = nm.copy()
     ge_style.Modality = "OT"
     assert is_reconstructed_emission(ge_style)[0] is True
+    retired = nm.copy()
+    retired.SOPClassUID = "1.2.840.10008.5.1.4.1.1.5"  # retired NM class: no SEG can reference it
+    assert is_reconstructed_emission(retired, accept_pet_like=True)[0] is False
 
 
 def test_gated_is_refused_with_its_reason(headers):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -169,13 +171,54 @@ def test_references_to_unknown_instances_are_refused(converted):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "LV myocardium", "x" * 80, f"LV myocardium - {RESEARCH_MARKING.lower()}"],
+    [
+        "",
+        "LV myocardium",
+        "x" * 80,
+        f"LV myocardium - {RESEARCH_MARKING.lower()}",
+        f"Automated LV myocardium segmentation v2 {RESEARCH_MARKING}",  # 86 characters, marking last
+    ],
 )
 def test_research_marking_always_present_and_fits_lo(text):
     marked = with_research_marking(text)
     assert RESEARCH_MARKING.lower() in marked.lower()
     assert len(marked) <= 64
     assert marked.isascii()
+
+
+def test_completing_a_source_leaves_the_callers_dataset_alone():
+    (source,) = _write("nm", _tiny_image(), {})
+    source.PatientSex = "U"  # not a SEG value: the copy's is emptied
+    build_seg(
+        [source],
+        np.zeros((16, 16, 10), dtype=bool),
+        converted_series_refs=series_to_nifti([source]).references,
+        **SEG_OPTIONS,
+    )
+    assert source.PatientSex == "U"
+
+
+def _tiny_image() -> nib.Nifti1Image:
+    """16x16 pixels of 3 mm, 10 slices 4 mm apart."""
+    return nib.Nifti1Image(np.random.default_rng(1).random((16, 16, 10)).astype(np.float32), np.diag([3, 3, 4, 1.0]))
+
+
+@pytest.mark.parametrize("form", ["files", "pet"])
+def test_seg_states_the_slice_spacing_of_its_frames_not_the_headers(form, dciodvfy):
+    """Slices 4 mm apart whose headers claim 5 mm: the reader places them by position, and
+    the SEG must say 4 mm, or highdicom (and viewers) cannot stack its frames."""
+    sources = _write(form, _tiny_image(), {})
+    for ds in sources:
+        ds.SpacingBetweenSlices = "5"
+    series = series_to_nifti(sources)
+    mask = np.zeros(series.image.shape, dtype=bool)
+    mask[3:6, 3:6, 2:8] = True
+    data = dataset_to_bytes(build_seg(sources, mask, converted_series_refs=series.references, **SEG_OPTIONS))
+    assert dciodvfy(data)[0] == []
+    seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(data))
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices) == 4.0
+    assert seg.get_volume().spacing == pytest.approx((4.0, 3.0, 3.0))
+    np.testing.assert_array_equal(read_seg_mask(data, series.references), mask)
 
 
 def _strip_identity(sources: list[Dataset]) -> None:
