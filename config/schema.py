@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -156,12 +156,20 @@ class TlsSection(Section):
         return self
 
 
+def _number_as_text(value: object) -> object:
+    """An AE title written as a number in YAML or ``--set`` (``1234``) is that text."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+AETitle = Annotated[str, BeforeValidator(_number_as_text), Field(min_length=1, max_length=16)]
+
+
 class NodeSection(Section):
-    ae_title: str = Field("SPECTNODE", min_length=1, max_length=16)
-    host: str = "127.0.0.1"
+    ae_title: AETitle = "SPECTNODE"
+    host: str = Field("127.0.0.1", min_length=1)  # empty would listen on every interface
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(16, ge=1)
-    allowed_calling_ae_titles: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(default_factory=list)
+    allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
     series_idle_timeout: float = Field(10.0, gt=0)
     series_incomplete_timeout: float = Field(120.0, gt=0)
     accept_pet_like: bool = True
@@ -189,7 +197,7 @@ class NodeSection(Section):
 
 
 class PeerSection(Section):
-    ae_title: str = Field(min_length=1, max_length=16)
+    ae_title: AETitle
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     send_results: bool = True
@@ -210,6 +218,15 @@ class PeerSection(Section):
 
 class StorageSection(Section):
     root: Path = Path("var/spect-node")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        """An empty root would silently be the current directory."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     retention_days: float | None = Field(None, gt=0)
     purge_every_hours: float | None = Field(24.0, gt=0)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from config import AppConfig, ConfigError, load_config
 from config.logging_setup import configure_logging
 from storage.errors import StorageError
+from storage.layout import StorageLayout
 
 log = logging.getLogger("spect-node")
 
@@ -78,7 +79,7 @@ def _when(timestamp: float | None) -> str:
 
 
 def _serve(config: AppConfig) -> int:
-    from node.service import Node
+    from node.service import Node, PredictorHolder
 
     node = Node.start(config)
     stop = threading.Event()
@@ -89,17 +90,29 @@ def _serve(config: AppConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"spect-node {config.node.ae_title} listening on {config.node.host}:{node.port}", flush=True)
+    model = node.worker.predictor_factory
+    unusable = model.error if isinstance(model, PredictorHolder) else None
+    warning = f"; NO MODEL, every job fails until it loads: {unusable}" if unusable else ""
+    print(f"spect-node {config.node.ae_title} listening on {config.node.host}:{node.port}{warning}", flush=True)
     while not stop.wait(0.5):
         pass
     node.stop()
     return 0
 
 
+def _existing_index_path(config: AppConfig) -> Path:
+    """The node's index file; FileNotFoundError (exit 2) if there is none: a wrong ``storage.root``
+    must not look like an empty node (nor create one)."""
+    path = StorageLayout(config.storage.root).index_path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index, nothing is stored there (check storage.root)")
+    return path
+
+
 def _status(config: AppConfig) -> int:
     from storage import Index
 
-    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+    with Index.open(_existing_index_path(config)) as index:
         jobs = index.jobs(limit=200)
         print(
             f"{'job':>5} {'state':<8} {'att':>3} {'created':<19} {'finished':<19} {'conv s':>6} {'inf s':>6} "
@@ -121,7 +134,7 @@ def _status(config: AppConfig) -> int:
 def _results(config: AppConfig, study: str | None) -> int:
     from storage import Index
 
-    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+    with Index.open(_existing_index_path(config)) as index:
         results = index.results(study_uid=study)
         for result in results:
             deliveries = index.deliveries(result_id=result.id)
@@ -140,7 +153,7 @@ def _results(config: AppConfig, study: str | None) -> int:
 def _resend(config: AppConfig, job_id: int | None) -> int:
     from storage import Index
 
-    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+    with Index.open(_existing_index_path(config)) as index:
         if job_id is not None:
             result = index.result_for_job(job_id)
             if result is None:
@@ -155,7 +168,7 @@ def _resend(config: AppConfig, job_id: int | None) -> int:
 def _reprocess(config: AppConfig, series_uid: str) -> int:
     from storage import Index
 
-    with Index.open(Path(config.storage.root) / "index.sqlite3") as index:
+    with Index.open(_existing_index_path(config)) as index:
         if index.series(series_uid) is None:
             raise ValueError(f"series {series_uid} is not stored on this node")
         job_id = index.enqueue_job(series_uid)
@@ -189,9 +202,7 @@ def _purge(config: AppConfig, older_than_days: float | None, dry_run: bool, incl
 
     days = older_than_days if older_than_days is not None else config.storage.retention_days
     period_s = check_period_days(days)
-    index_path = Path(config.storage.root) / "index.sqlite3"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: no index, nothing is stored there (check storage.root)")
+    _existing_index_path(config)
     verb = "would remove" if dry_run else "removed"
 
     def bar(studies: list[StudySummary]) -> tqdm:

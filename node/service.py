@@ -72,6 +72,11 @@ class PredictorHolder:
                 self._error = f"model unavailable ({model.weights}): {exc}"
                 log.error("%s", self._error)
 
+    @property
+    def error(self) -> str | None:
+        """Why the model could not be loaded (None when loaded or not tried yet)."""
+        return self._error
+
     def __call__(self) -> Predictor:
         if self._predictor is None:
             self.load()

@@ -30,7 +30,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA device is available")
+        raise ValueError("model.device is 'cuda' but no CUDA device is available (set model.device=cpu or auto)")
     return torch.device(name)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,21 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (the flag is named by argparse)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="spect-train", description=__doc__.splitlines()[0])
@@ -61,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     phantom = sub.add_parser("phantom", help="write a synthetic MPI-SPECT phantom dataset")
     phantom.add_argument("--out", type=Path, required=True, help="dataset root to write (NIfTI/, demographics.csv)")
-    phantom.add_argument("--cases", type=int, default=20, help="number of cases")
+    phantom.add_argument("--cases", type=_at_least(1), default=20, help="number of cases")
     phantom.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same data)")
-    phantom.add_argument("--start-index", type=int, default=0, help="index of the first case")
-    phantom.add_argument("--render", type=int, default=3, help="PNG previews to write under <out>/preview/")
+    phantom.add_argument("--start-index", type=_at_least(0), default=0, help="index of the first case")
+    phantom.add_argument("--render", type=_at_least(0), default=3, help="PNG previews to write under <out>/preview/")
     phantom.add_argument("--family", choices=["anatomical", "basic"], default="anatomical", help="phantom generator")
     phantom.add_argument("--hard", action="store_true", help="a population heavy in hard cases (anatomical family)")
-    phantom.add_argument("--workers", type=int, default=1, help="processes sharing the work (same output)")
+    phantom.add_argument("--workers", type=_at_least(1), default=1, help="processes sharing the work (same output)")
     _common(phantom)
 
     train = sub.add_parser("train", help="train the U-Net")
@@ -91,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         _data_flags(cmd)
         cmd.add_argument("--weights", type=Path, help="checkpoint or seed state_dict (model.weights)")
-        cmd.add_argument("--out", type=Path, help="output folder (evaluate: outputs/eval; predict: outputs)")
+        cmd.add_argument(
+            "--out",
+            type=Path,
+            help="evaluate: output folder (outputs/eval); predict: output folder (outputs); "
+            "calibrate: checkpoint file to write (default: --weights itself)",
+        )
         cmd.add_argument("--split", choices=["train", "val", "test"], help="only this subset of the run's split")
         cmd.add_argument("--split_file", "--split-file", type=Path, help="split.json (default: beside the weights)")
         cmd.add_argument("--only_masked", action="store_true", default=None, help="only cases with a mask")
@@ -260,8 +280,9 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
             print(f"threshold {t:.2f}: mean Dice {d:.4f}" + ("  <- chosen" if t == best else ""))
         checkpoint.threshold = best
         checkpoint.metrics["threshold_calibration"] = {f"{t:.2f}": round(d, 5) for t, d in table.items()}
-        save_checkpoint(checkpoint, config.model.weights)
-        print(f"threshold {best:.2f} recorded in {config.model.weights}")
+        target = args.out or config.model.weights
+        save_checkpoint(checkpoint, target)
+        print(f"threshold {best:.2f} recorded in {target}")
         return 0
     predictor = _predictor(config)
     failures: list[CaseFailure] = []  # cases that could not be used; the others go on

@@ -48,6 +48,8 @@ def test_partial_file_and_overrides(tmp_path: Path) -> None:
         ("preprocess.target_shape=[64, 0, 56]", "preprocess.target_shape"),
         ("model.device=gpu", "model.device"),
         ("node.port=70000", "node.port"),
+        ("node.host=", "node.host"),  # empty: every interface
+        ("storage.root=", "storage.root"),  # empty: the current directory
         ("bogus.key=1", "bogus"),
     ],
 )
@@ -62,8 +64,16 @@ def test_bad_files_are_reported(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2, column 1\)"):
         load_config(broken)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("storage:\n  root: /data\nnode:\n  port: 104\nstorage:\n  retention_days: 30\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML \(line 5, column 1\): duplicate key 'storage'"):
+        load_config(twice)  # YAML alone would drop the first storage section, root and all
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="binary.yaml: not UTF-8 text"):
+        load_config(binary)
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(overrides=["epochs"])
 
@@ -93,3 +103,4 @@ def test_allowed_calling_ae_titles_are_ae_titles() -> None:
     with pytest.raises(ConfigError, match=r"node\.allowed_calling_ae_titles\.1"):
         load_config(None, values={"node": {"allowed_calling_ae_titles": ["PACS", "A" * 17]}})
     assert load_config(None, values={"node": {"allowed_calling_ae_titles": ["A" * 16]}}).node.allowed_calling_ae_titles
+    assert load_config(overrides=["node.ae_title=1234"]).node.ae_title == "1234"  # a number in YAML is the text

@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from node_process import NodeProcess, wait_until
 from peers import require_tool
 from pydicom import dcmread
-from studies import spect_like_volume
+from studies import free_port, spect_like_volume
 
 from node.nm_writer import dataset_to_bytes, nifti_to_nm
 from node.standin_pacs import StandInPacs
@@ -95,3 +96,23 @@ def test_kill9_mid_job_then_restart_completes(tmp_path: Path, pacs: StandInPacs,
         assert len(pacs.received) == 1
     finally:
         restarted.kill(signal.SIGTERM)
+
+
+def test_serve_says_when_it_has_no_model(tmp_path: Path) -> None:
+    """A weights path that does not resolve (a service started from another directory): the node
+    still receives, and its one start-up line says that every job will fail."""
+    node = NodeProcess(tmp_path, pacs_port=free_port())
+    config = yaml.safe_load(node.config_path.read_text())
+    config["model"]["weights"] = "models/unet3d_weights.pth"  # relative: not under tmp_path
+    node.config_path.write_text(yaml.safe_dump(config))
+    node.start(cwd=tmp_path)
+    try:
+
+        def start_up_lines() -> list[str]:
+            return [ln for ln in node.log.read_text().splitlines() if ln.startswith("spect-node SPECTNODE listening")]
+
+        wait_until(start_up_lines, 30, "the start-up line")
+        (line,) = start_up_lines()
+        assert "NO MODEL, every job fails until it loads: model unavailable (models/unet3d_weights.pth)" in line
+    finally:
+        assert node.kill(signal.SIGTERM) == 0

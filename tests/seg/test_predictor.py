@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from seg.checkpoint import Checkpoint, load_checkpoint, provenance_record, save_checkpoint
+from seg.inference import resolve_device
 from seg.model import UNet3D, UNetSpec
 from seg.postprocess import PostprocessSettings
 from seg.predictor import Predictor, gated_soft_map
@@ -117,3 +118,11 @@ def test_postprocess_defaults_come_from_checkpoint() -> None:
     assert predictor.postprocess.min_comp_voxels == 10
     override = Predictor(_checkpoint(), PostprocessSettings(enable=False), device="cpu", precision="fp32")
     assert not override.postprocess.enable
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError, which every command reports on one line with exit 2 (a RuntimeError was a traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's state, made certain
+    with pytest.raises(ValueError, match="model.device is 'cuda' but no CUDA device is available"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")

@@ -366,11 +366,15 @@ def test_cli_purge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _cli(capsys, "--config", str(config))
     assert code == 0 and "removed 0 studies" in out
 
-    code, _, err = _cli(capsys, "--config", str(config), "--older-than", "-3")
-    assert code == 2 and "must be a number of days >= 0" in err
+    for bad in ("-3", "0"):  # 0 days would remove every finished study: refused, as storage.retention_days=0 is
+        code, _, err = _cli(capsys, "--config", str(config), "--older-than", bad)
+        assert code == 2 and "must be a number of days > 0" in err
 
     code, _, err = _cli(capsys, "--set", f"storage.root={tmp_path / 'nothing'}", "--older-than", "1")
     assert code == 2 and "nothing is stored there" in err and not (tmp_path / "nothing").exists()
+    for command in (["status"], ["results"], ["resend", "--all-failed"], ["reprocess", "1.2.3"]):
+        assert spect_node([*command, "--set", f"storage.root={tmp_path / 'nothing'}"]) == 2
+        assert "nothing is stored there" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
 
 
 def test_running_node_applies_the_retention_period_itself(tmp_path: Path) -> None:

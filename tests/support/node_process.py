@@ -39,12 +39,13 @@ class NodeProcess:
         self.log = tmp / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> NodeProcess:
+    def start(self, timeout: float = 60.0, cwd: Path | None = None) -> NodeProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                cwd=cwd,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -138,6 +138,16 @@ def test_evaluate_and_predict_outputs(dataset: Path, tmp_path: Path, capsys: pyt
         with Image.open(figure) as image:
             image.verify()
 
+    capsys.readouterr()
+    calibrated, original = tmp_path / "calibrated.pth", weights.read_bytes()
+    assert spect_train(["calibrate", "--data_root", str(dataset), "--weights", str(weights), "--split", "val",
+                        "--out", str(calibrated), "-q"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    chosen = float(re.search(r"threshold (\d\.\d+): mean Dice [\d.]+  <- chosen", out).group(1))  # type: ignore[union-attr]
+    assert load_checkpoint(calibrated).threshold == pytest.approx(chosen)
+    assert load_checkpoint(calibrated).metrics["threshold_calibration"]
+    assert weights.read_bytes() == original  # --out: the checkpoint calibrated is left alone
+
 
 def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert spect_train(["train", "--data_root", str(tmp_path / "none"), "-q"]) == 2
