@@ -373,8 +373,8 @@ def check_period_days(days: float | None) -> float:
     """Seconds of a retention period given in days; ``ValueError`` naming the problem otherwise."""
     if days is None:
         raise ValueError("no retention period: set storage.retention_days or pass --older-than DAYS")
-    if not days >= 0 or days == float("inf"):
-        raise ValueError(f"the retention period must be a number of days >= 0, got {days}")
+    if not days > 0 or days == float("inf"):  # 0 would remove every finished study at once
+        raise ValueError(f"the retention period must be a number of days > 0, got {days}")
     return float(days) * SECONDS_PER_DAY
 
 
