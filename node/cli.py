@@ -33,7 +33,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="spect-node", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="spect-node", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("serve", help="run the node until SIGTERM/SIGINT"))
     _common(sub.add_parser("status", help="print the jobs table"))

@@ -12,7 +12,7 @@ from pynetdicom import AE, evt
 
 log = logging.getLogger(__name__)
 
-_PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_PEER_RE = re.compile(r"^(?P<ae>[^@]+)@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,12 @@ class PeerAddress:
     def parse(cls, text: str) -> PeerAddress:
         """``AE@host:port`` -> :class:`PeerAddress`; ``ValueError`` naming the text otherwise."""
         match = _PEER_RE.match(text.strip())
-        if not match or not 0 < int(match["port"]) < 65536:
+        if not match:
             raise ValueError(f"{text!r}: expected AE_TITLE@host:port, e.g. PACS@127.0.0.1:4242")
+        if len(match["ae"]) > 16:
+            raise ValueError(f"{text!r}: the AE title {match['ae']!r} is longer than 16 characters")
+        if not 0 < int(match["port"]) < 65536:
+            raise ValueError(f"{text!r}: port {match['port']} is not in 1..65535")
         return cls(match["ae"], match["host"], int(match["port"]))
 
     def __str__(self) -> str:

@@ -71,7 +71,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="spect-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="spect-train", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     phantom = sub.add_parser("phantom", help="write a synthetic MPI-SPECT phantom dataset")

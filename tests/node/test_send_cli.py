@@ -105,3 +105,16 @@ def test_a_damaged_instance_in_a_folder_stops_the_send_naming_it(
     assert str(cut) in err and ("damaged DICOM file" in err or "without SOP Class/Instance UID" in err)
     assert "Traceback" not in err
     assert list(received.iterdir()) == []  # nothing sent
+
+
+@pytest.mark.parametrize(
+    ("to", "message"),
+    [
+        ("PACS127.0.0.1:4242", "expected AE_TITLE@host:port"),
+        ("PACS@127.0.0.1:70000", "port 70000 is not in 1..65535"),
+        ("SEVENTEEN_LETTERS@127.0.0.1:4242", "the AE title 'SEVENTEEN_LETTERS' is longer than 16 characters"),
+    ],
+)
+def test_a_bad_destination_is_named(tmp_path: Path, to: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert spect_node(["send", str(tmp_path), "--to", to]) == 2
+    assert message in capsys.readouterr().err
