@@ -19,7 +19,7 @@ from typing import Any
 
 from pydicom import Dataset
 
-from node.audit import AuditLog
+from node.audit import AuditLog, identifier_keys
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class AccessPolicy:
             return None
         try:
             expected = self._resolve(rule.host)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a name IDNA cannot encode ("pacs..example.org")
             return f"peer {rule.ae_title}: host {rule.host!r} does not resolve ({exc})"
         if _plain(address) not in {_plain(a) for a in expected}:
             return f"peer {rule.ae_title} is configured at {rule.host}, the association came from {address}"
@@ -111,8 +111,25 @@ def refuse_unless_allowed(
         address=event.assoc.requestor.address,
         service=dimse,
         reason="not authorised",
+        **_what_was_asked(event, dimse),
     )
     return refusal(UNABLE_TO_PROCESS_NOT_AUTHORISED if dimse == "C-FIND" else REFUSED_NOT_AUTHORISED, calling, service)
+
+
+def _what_was_asked(event: Any, dimse: str) -> dict[str, object]:
+    """For the audit of a refusal: the instance a C-STORE carried, the keys of a query or
+    retrieve and a C-MOVE's destination (whatever of it can be read)."""
+    asked: dict[str, object] = {}
+    try:
+        if dimse == "C-STORE":
+            asked["sop_instance_uid"] = str(event.request.AffectedSOPInstanceUID)
+        else:
+            asked["keys"] = identifier_keys(event.identifier)
+        if dimse == "C-MOVE":
+            asked["destination"] = str(event.move_destination or "").strip()
+    except Exception:  # an undecodable request is audited without them
+        log.debug("refused %s: request not decodable for the audit", dimse)
+    return asked
 
 
 def _addresses(host: str) -> set[str]:

@@ -177,21 +177,35 @@ def _dicom_value(value: str | int | tuple[str, ...] | None) -> str | int | list[
     return list(value) if isinstance(value, tuple) else value
 
 
-def _parse(event: evt.Event, models: Mapping[str, InformationModel], service: str) -> Query | int:
-    """The query of a request, or the failure status to answer (logged)."""
-    requestor = event.assoc.requestor.ae_title.strip()
+def _refuse(event: evt.Event, audit: AuditLog, service: str, status: int, reason: str, **extra: object) -> int:
+    """Log a refused request (no patient data: the reason names keys, not values) and audit it with its keys."""
+    calling = event.assoc.requestor.ae_title.strip()
+    log.warning("%s from %s refused: %s", service, calling, reason)
+    audit.record(
+        "query-refused" if service == "C-FIND" else "retrieve-refused",
+        service=service,
+        calling_ae=calling,
+        address=event.assoc.requestor.address,
+        keys=identifier_keys(event.identifier),
+        reason=reason,
+        status=f"0x{status:04X}",
+        **extra,
+    )
+    return status
+
+
+def _parse(event: evt.Event, models: Mapping[str, InformationModel], service: str, audit: AuditLog) -> Query | int:
+    """The query of a request, or the failure status to answer (logged and audited)."""
     model = models.get(str(event.request.AffectedSOPClassUID))
     if model is None:  # cannot happen: pynetdicom routes by SOP class
-        log.warning("%s from %s refused: SOP class %s", service, requestor, event.request.AffectedSOPClassUID)
-        return UNABLE_TO_PROCESS
+        return _refuse(event, audit, service, UNABLE_TO_PROCESS, f"SOP class {event.request.AffectedSOPClassUID}")
     try:
         return query_from_identifier(event.identifier, model)
     except (IdentifierError, QueryError) as exc:
-        log.warning("%s from %s refused: %s", service, requestor, exc)
-        return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+        return _refuse(event, audit, service, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
     except (InvalidDicomError, ValueError, TypeError, AttributeError, KeyError, EOFError) as exc:
-        log.warning("%s from %s refused: cannot decode the identifier: %s", service, requestor, exc)
-        return UNABLE_TO_PROCESS
+        reason = f"cannot decode the identifier ({type(exc).__name__})"
+        return _refuse(event, audit, service, UNABLE_TO_PROCESS, reason)
 
 
 def _audit_request(event: evt.Event, audit: AuditLog, kind: str, dimse: str, count: int, **extra: object) -> None:
@@ -217,15 +231,14 @@ def handle_find(
         if (refused := refuse_unless_allowed(event, policy, audit, "query", "C-FIND")) is not None:
             yield refused, None
             return
-        query = _parse(event, FIND_MODELS, "C-FIND")
+        query = _parse(event, FIND_MODELS, "C-FIND", audit)
         if isinstance(query, int):
             yield query, None
             return
         try:
             matches = storage.index.find(query)
         except QueryError as exc:
-            log.warning("C-FIND refused: %s", exc)
-            yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+            yield _refuse(event, audit, "C-FIND", IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
         log.info(
             "C-FIND %s %s from %s: %d match(es)",
@@ -256,17 +269,16 @@ def handle_find(
 
 
 def _instances(
-    event: evt.Event, storage: Storage, models: Mapping[str, InformationModel], service: str
+    event: evt.Event, storage: Storage, models: Mapping[str, InformationModel], service: str, audit: AuditLog
 ) -> list[InstanceRecord] | int:
-    """The instances a C-MOVE/C-GET asks for, or the failure status to answer (logged)."""
-    query = _parse(event, models, service)
+    """The instances a C-MOVE/C-GET asks for, or the failure status to answer (logged and audited)."""
+    query = _parse(event, models, service, audit)
     if isinstance(query, int):
         return query
     try:
         instances = storage.index.retrieve(query)
     except QueryError as exc:
-        log.warning("%s refused: %s", service, exc)
-        return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+        return _refuse(event, audit, service, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
     except (StorageError, OSError) as exc:
         log.error("%s failed: the index cannot be read: %s", service, exc)
         return UNABLE_TO_PROCESS
@@ -287,7 +299,7 @@ def _retrieval(
     """:func:`_instances` behind the ``retrieve`` permission (else the refusal to answer), audited."""
     if (refused := refuse_unless_allowed(event, policy, audit, "retrieve", dimse)) is not None:
         return refused
-    instances = _instances(event, storage, MOVE_MODELS if dimse == "C-MOVE" else GET_MODELS, dimse)
+    instances = _instances(event, storage, MOVE_MODELS if dimse == "C-MOVE" else GET_MODELS, dimse, audit)
     if isinstance(instances, list):
         studies = sorted({r.study_instance_uid for r in instances})
         _audit_request(event, audit, "retrieve", dimse, len(instances), destination=destination, studies=studies)
@@ -349,12 +361,10 @@ def handle_move(
         destination = str(event.move_destination or "").strip()
         peer = peers.get(destination)
         if peer is None:
-            log.warning(
-                "C-MOVE from %s refused: move destination %r is not a configured peer",
-                event.assoc.requestor.ae_title.strip(),
-                destination,
+            reason = f"move destination {destination!r} is not a configured peer"
+            instances: list[InstanceRecord] | int | Dataset = _refuse(
+                event, audit, "C-MOVE", MOVE_DESTINATION_UNKNOWN, reason, destination=destination
             )
-            instances: list[InstanceRecord] | int | Dataset = MOVE_DESTINATION_UNKNOWN
         else:
             instances = _retrieval(event, storage, policy, audit, "C-MOVE", destination)
     except Exception:  # the handler must answer, whatever went wrong

@@ -109,7 +109,9 @@ def make_association_check(storage: Storage, policy: AccessPolicy, audit: AuditL
 
     Low disk space (below ``storage.min_free_bytes``) gives a *transient* rejection, so the
     sender retries later instead of handing over data the node cannot keep. AE-title
-    allow lists and the called AE title are checked by pynetdicom itself.
+    allow lists and the called AE title are checked by pynetdicom itself. The check fails
+    closed: pynetdicom ignores an exception in this handler and would accept, so an error
+    in it rejects the association (transient, as a passing trouble).
     """
 
     def on_requested(event: evt.Event) -> None:
@@ -117,12 +119,16 @@ def make_association_check(storage: Storage, policy: AccessPolicy, audit: AuditL
         calling = str(requestor.primitive.calling_ae_title or "").strip()  # requestor.ae_title is set later
         log.info("association requested by %s from %s:%s", calling, requestor.address, requestor.port)
         reason, rejection = None, None
-        free = storage.free_bytes_if_low()
-        if free is not None:
-            reason = f"low disk space ({free} bytes free, {storage.min_free_bytes} required)"
-            rejection = REJECT_LOW_DISK
-        elif (mismatch := policy.host_mismatch(calling, requestor.address)) is not None:
-            reason, rejection = mismatch, REJECT_WRONG_HOST
+        try:
+            free = storage.free_bytes_if_low()
+            if free is not None:
+                reason = f"low disk space ({free} bytes free, {storage.min_free_bytes} required)"
+                rejection = REJECT_LOW_DISK
+            elif (mismatch := policy.host_mismatch(calling, requestor.address)) is not None:
+                reason, rejection = mismatch, REJECT_WRONG_HOST
+        except Exception as exc:
+            log.exception("association check failed")
+            reason, rejection = f"the association check failed ({type(exc).__name__}: {exc})", REJECT_LOW_DISK
         if rejection is None:
             return
         log.warning("association from %s (%s) rejected: %s", calling, requestor.address, reason)
@@ -168,7 +174,7 @@ def make_association_audit(audit: AuditLog) -> list:
         audit.record(
             "association-accepted" if accepted else "association-rejected",
             calling_ae=requestor.ae_title.strip(),
-            called_ae=event.assoc.acceptor.ae_title.strip(),
+            called_ae=str(requestor.primitive.called_ae_title or "").strip(),  # the one asked for
             address=requestor.address,
             port=requestor.port,
             tls=tls or None,

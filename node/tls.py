@@ -83,20 +83,23 @@ def server_context(tls: TlsSection) -> ssl.SSLContext | None:
 def client_context(tls: TlsSection) -> ssl.SSLContext:
     """The context of outgoing TLS associations (TLS 1.2 or later).
 
-    The peer's certificate must chain to ``tls.ca_certificates`` (the system CAs when
-    unset) and name the peer's configured ``host`` (DNS name or IP address in its
-    subjectAltName); the node's own certificate is presented when configured.
+    The peer's certificate must chain to ``tls.ca_certificates`` (only to it: the system
+    CAs are trusted only when it is unset) and name the peer's configured ``host`` (DNS
+    name or IP address in its subjectAltName); the node's own certificate is presented
+    when configured.
 
     Raises
     ------
     TlsConfigError
         If the certificate, key or CA file cannot be read or does not match.
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.ca_certificates is not None:
         ca = tls.ca_certificates
         _load("CA certificates", ca, lambda: context.load_verify_locations(cafile=str(ca)))
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.certificate is not None and tls.private_key is not None:
         cert, key = tls.certificate, tls.private_key
         _load("certificate and private key", cert, lambda: context.load_cert_chain(str(cert), str(key)))
@@ -141,5 +144,8 @@ def make_handshake_handler(timeout: float, audit: AuditLog) -> Callable[[evt.Eve
             log.warning("connection from %s:%s refused: %s", host, port, reason)
             audit.record("association-rejected", address=host, port=port, reason=reason)
             transport.close()
+            # pynetdicom still starts the association, which would wait acse_timeout for a request
+            # that cannot come while holding one of node.max_associations: let it end at once
+            event.assoc.acse_timeout = 0.001
 
     return on_connection

@@ -153,7 +153,7 @@ def _range(column: str, keyword: str, value: str, kind: ValueKind) -> tuple[str,
     pattern = _DATE_RANGE if kind is ValueKind.DATE else _TIME_RANGE
     match = pattern.match(value)
     if match is None:
-        raise QueryError(f"{keyword}: {value!r} is not a {kind.value} or a {kind.value} range")
+        raise QueryError(f"{keyword}: not a {kind.value} or a {kind.value} range")  # no value: logs hold no PHI
     low: str | None = match["low"]
     high: str | None = match["high"]
     dash = match["dash"] is not None
@@ -168,7 +168,7 @@ def _range(column: str, keyword: str, value: str, kind: ValueKind) -> tuple[str,
         return (f"{column} = ?", [low]) if low else None
     if low and high:
         if low > high:
-            raise QueryError(f"{keyword}: the range {value!r} ends before it starts")
+            raise QueryError(f"{keyword}: the range ends before it starts")
         return f"{column} BETWEEN ? AND ?", [low, high]
     if low:
         return f"{column} >= ?", [low]
@@ -194,7 +194,7 @@ def _condition(attribute: Attribute, value: str) -> tuple[str, list[Any]] | None
         try:
             numbers = [int(v) for v in values]
         except ValueError as exc:
-            raise QueryError(f"{keyword}: {value!r} is not an integer") from exc
+            raise QueryError(f"{keyword}: not an integer") from exc
         return f"{column} IN ({', '.join('?' * len(numbers))})", numbers
     return _any_of(column, values, kind)
 
@@ -327,7 +327,7 @@ class QueryMixin:
         for keyword in (UNIQUE_KEYS[lvl] for lvl in levels):  # PS3.4 C.4.2.2.1: single values or lists only
             value = str(query.keys.get(keyword, ""))
             if "*" in value or "?" in value:
-                raise QueryError(f"{keyword}: wildcards are not allowed in a retrieve ({value!r})")
+                raise QueryError(f"{keyword}: wildcards are not allowed in a retrieve")
         where = _where(query, keywords=[UNIQUE_KEYS[lvl] for lvl in levels])
         with self._db.read() as conn:
             rows = conn.execute(

@@ -50,6 +50,7 @@ def test_audit_log_records_who_did_what_and_patients_stay_out_of_the_log(
     final, received = c_get(node.port, "VIEWER", study_uid)
     assert final.Status == 0 and len(received) == 2  # the NM and its SEG
     assert c_move(node.port, "VIEWER", study_uid, PACS_AE).Status == 0
+    assert c_move(node.port, "VIEWER", study_uid, "NOWHERE").Status == 0xA801
     assert associate(node.port, "VIEWER", ae_title="NOTTHENODE").is_rejected
 
     kinds = _by_kind(audit_path)
@@ -73,6 +74,9 @@ def test_audit_log_records_who_did_what_and_patients_stay_out_of_the_log(
     )
     retrievals = [(e["service"], e["destination"], e["count"], e["studies"]) for e in kinds["retrieve"]]
     assert retrievals == [("C-GET", "VIEWER", 2, [study_uid]), ("C-MOVE", PACS_AE, 2, [study_uid])]
+    (refused,) = kinds["retrieve-refused"]  # who asked what of which study, and why not
+    assert (refused["service"], refused["destination"], refused["status"]) == ("C-MOVE", "NOWHERE", "0xA801")
+    assert refused["keys"]["StudyInstanceUID"] == study_uid and "not a configured peer" in refused["reason"]
     accepted = kinds["association-accepted"]
     assert {e["calling_ae"] for e in accepted} == {"MODALITY", "VIEWER"}
     assert all(e["address"] == "127.0.0.1" and isinstance(e["port"], int) for e in accepted)

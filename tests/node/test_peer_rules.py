@@ -172,3 +172,24 @@ def test_host_check_compares_addresses_not_spellings() -> None:
 
     broken = AccessPolicy(rules, resolve=unresolvable)
     assert "does not resolve" in (broken.host_mismatch("PACS", "10.1.2.3") or "")
+
+
+def test_the_association_check_fails_closed(tmp_path: Path, stop_later: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom accepts when an EVT_REQUESTED handler raises: the node's check must reject instead.
+    A host IDNA cannot encode made the host check raise; a storage root that cannot be read, the disk check."""
+    peers = [_peer("BADNAME", ["store"], host="pacs..example.org", check_host=True), _peer("FINE", ["store"])]
+    node = Node.start(node_config(tmp_path / "node", peers=peers), load_model=False)
+    stop_later.append(node)
+    assert associate(node.port, "BADNAME").is_rejected
+
+    def unreadable() -> int | None:
+        raise PermissionError("the storage root cannot be read")
+
+    monkeypatch.setattr(node.storage, "free_bytes_if_low", unreadable)
+    rejected = associate(node.port, "FINE")
+    assert rejected.is_rejected and rejected.acceptor.primitive.result == 0x02  # transient: try again later
+    reasons = [
+        e["reason"] for e in read_audit(tmp_path / "node" / "audit.jsonl") if e["event"] == "association-rejected"
+    ]
+    assert "host 'pacs..example.org' does not resolve" in reasons[0]
+    assert reasons[1] == "the association check failed (PermissionError: the storage root cannot be read)"

@@ -291,3 +291,27 @@ def test_pki_tools_present() -> None:
     require_tool("openssl")
     help_text = subprocess.run([require_tool("storescu"), "--help"], capture_output=True, text=True, timeout=30)
     assert "+tls" in help_text.stdout, "this DCMTK was built without OpenSSL (no +tls)"
+
+
+def test_failed_handshakes_do_not_hold_association_slots(tmp_path: Path, pki: Pki, stop_later: list) -> None:
+    """Four callers that are not TLS (an HTTP request) on a node of 2 association slots and a 20 s
+    ACSE timeout: each is refused at once, and a real TLS caller right after them gets in
+    (pynetdicom started an association for each that waited 20 s for a request that cannot come)."""
+    overrides = [*_listening(pki), "node.acse_timeout=20", "node.max_associations=2"]
+    node = Node.start(node_config(tmp_path / "node", *overrides), load_model=False)
+    stop_later.append(node)
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as junk:
+            junk.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    wait_for_event(tmp_path / "node" / "audit.jsonl", "association-rejected", count=4)
+    time.sleep(0.5)
+    assoc = associate(node.port, tls_args=(tls_client_context(pki), "127.0.0.1"))
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_outgoing_tls_trusts_only_the_configured_ca(pki: Pki) -> None:
+    """With tls.ca_certificates set, a publicly issued certificate for a peer's host is no proof."""
+    context = client_context(TlsSection(ca_certificates=pki.ca))
+    assert context.cert_store_stats()["x509_ca"] == 1
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
