@@ -230,6 +230,8 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
         from training.phantom import PhantomSettings, write_dataset
         from training.phantom_render import render_case
 
+        if args.hard and args.family == "basic":
+            raise ValueError("--hard draws an anatomical-family population; the basic family has none")
         settings = PhantomSettings.hard() if args.hard else PhantomSettings()
         rows = write_dataset(
             args.out,

@@ -63,7 +63,8 @@ class PhantomSettings:
         Apical thinning; mild inferior (diaphragm) or anterior (breast) reduction.
     p_hot_adjacent, hot_uptake, extracardiac_scale
         The hard case: a gut loop, the liver's left lobe or the stomach against the
-        inferior/inferolateral wall with ``hot_uptake``; a factor on every abdominal uptake.
+        inferior/inferolateral wall, the gut and stomach with ``hot_uptake`` (the liver with
+        its own 0.9-1.6); a factor on every abdominal uptake.
     p_stomach, p_spleen, p_kidneys, p_gallbladder
         Optional abdominal organs.
     p_attenuation_corrected
@@ -73,7 +74,8 @@ class PhantomSettings:
         (log-uniform), from ``low_counts`` for low-count cases.
     p_postfilter, postfilter_sigma_vox, p_circular_fov, p_outside_counts
         Reconstruction look: a Gaussian post-filter (voxels), zeros outside the inscribed
-        circle, a low count level outside the body.
+        circle, a low count level added over the whole reconstruction circle (body and air
+        alike; ``total_counts`` in the parameters is counted before the circle is applied).
     p_unit_scale, unit_scale_log10
         An arbitrary global scale (reconstructions come in arbitrary units).
     noise

@@ -1,15 +1,17 @@
 """The "basic" phantom family: a simpler, independent MPI-SPECT generator, deterministic by seed.
 
-It trained the shipped model; the default ("anatomical") family in :mod:`training.phantom`
-then tests it on phantoms it never saw the like of.
+It and the default ("anatomical") family of :mod:`training.phantom` are drawn
+independently of each other; the shipped model was trained on both. (For one seed, case
+``i`` of both families has the same matrix and nearly the same pixel size: their first
+draws share a generator seeded ``[seed, i]``.)
 
 Each case is built analytically in patient coordinates (RAS+, mm) and sampled on a
 camera-like grid: 64x64 at 6.25-7 mm or 128x128 at 3.2-4.3 mm in-plane (40-55 cm field
 of view), 56-128 slices, stored in LPS voxel order (as the node's NM reader produces),
 sometimes with the slices reversed, sometimes in RAS order. The activity is the LV
 myocardium (with perfusion defects), a faint right ventricle, blood pool, liver, gut
-loops (sometimes hotter than the heart and against the inferior wall), stomach/spleen,
-lungs and body background, blurred by a 12-16 mm FWHM Gaussian and Poisson-sampled at
+loops (sometimes hotter than the heart and against the inferior wall), stomach, lungs and
+body background, blurred by a 12-16 mm FWHM Gaussian and Poisson-sampled at
 clinical count levels. The mask is the myocardium before blurring, on the same grid.
 """
 
