@@ -104,16 +104,16 @@ def refuse_unless_allowed(
     calling = event.assoc.requestor.ae_title.strip()
     if policy.allows(calling, service):
         return None
-    log.warning("%s from %s refused: not authorised to %s", dimse, calling, service)
-    audit.record(
-        f"{service}-refused",
-        calling_ae=calling,
-        address=event.assoc.requestor.address,
-        service=dimse,
-        reason="not authorised",
-        **_what_was_asked(event, dimse),
-    )
+    record_refusal(event, audit, f"{service}-refused", dimse, "not authorised", **_what_was_asked(event, dimse))
     return refusal(UNABLE_TO_PROCESS_NOT_AUTHORISED if dimse == "C-FIND" else REFUSED_NOT_AUTHORISED, calling, service)
+
+
+def record_refusal(event: Any, audit: AuditLog, kind: str, dimse: str, reason: str, **asked: object) -> None:
+    """Log a refused ``dimse`` request (the reason names keys, never patient values) and audit it
+    as ``kind`` with the caller and ``asked`` (the keys, destination or instance it asked for)."""
+    calling = event.assoc.requestor.ae_title.strip()
+    log.warning("%s from %s refused: %s", dimse, calling, reason)
+    audit.record(kind, calling_ae=calling, address=event.assoc.requestor.address, service=dimse, reason=reason, **asked)
 
 
 def _what_was_asked(event: Any, dimse: str) -> dict[str, object]:

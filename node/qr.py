@@ -46,7 +46,7 @@ from pynetdicom.sop_class import (
 
 from node.audit import AuditLog, identifier_keys
 from node.network import NODELAY_HANDLERS, PeerAddress
-from node.policy import AccessPolicy, refuse_unless_allowed
+from node.policy import AccessPolicy, record_refusal, refuse_unless_allowed
 from node.response_guard import GUARD_HANDLERS
 from storage import InformationModel, InstanceRecord, Match, Query, QueryError, QueryLevel, Storage, StorageError
 from storage.query import UNIQUE_KEYS, supported_keys
@@ -178,19 +178,10 @@ def _dicom_value(value: str | int | tuple[str, ...] | None) -> str | int | list[
 
 
 def _refuse(event: evt.Event, audit: AuditLog, service: str, status: int, reason: str, **extra: object) -> int:
-    """Log a refused request (no patient data: the reason names keys, not values) and audit it with its keys."""
-    calling = event.assoc.requestor.ae_title.strip()
-    log.warning("%s from %s refused: %s", service, calling, reason)
-    audit.record(
-        "query-refused" if service == "C-FIND" else "retrieve-refused",
-        service=service,
-        calling_ae=calling,
-        address=event.assoc.requestor.address,
-        keys=identifier_keys(event.identifier),
-        reason=reason,
-        status=f"0x{status:04X}",
-        **extra,
-    )
+    """:func:`~node.policy.record_refusal` of a query or retrieve, with its keys and status; returns ``status``."""
+    kind = "query-refused" if service == "C-FIND" else "retrieve-refused"
+    keys = identifier_keys(event.identifier)
+    record_refusal(event, audit, kind, service, reason, keys=keys, status=f"0x{status:04X}", **extra)
     return status
 
 
