@@ -318,7 +318,6 @@ def build_seg(
         inputs = _slice_file_inputs([by_uid[ref.sop_instance_uid] for ref in converted_series_refs], planes)
     else:
         inputs = _HighdicomInputs([by_uid[ref.sop_instance_uid] for ref in converted_series_refs], planes)
-    single_frames = None if len(uids) == 1 else [by_uid[ref.sop_instance_uid] for ref in converted_series_refs]
 
     seg = hd.seg.Segmentation(
         source_images=inputs.source_images,
@@ -342,9 +341,9 @@ def build_seg(
     )
     if inputs.further_source_images:
         _add_frame_references(seg, [*inputs.source_images, *inputs.further_source_images])
-    if single_frames is not None and len(single_frames) > 1 and not all(is_nm):
+    if not all(is_nm) and len(inputs.source_images) > 1:
         # highdicom copies the images' SpacingBetweenSlices; the reader placed them by position
-        points = [[float(v) for v in ds.ImagePositionPatient] for ds in single_frames]
+        points = [[float(v) for v in ds.ImagePositionPatient] for ds in inputs.source_images]
         measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
         measures.SpacingBetweenSlices = format_number_as_ds(_stack_step(points))
     logger.info("SEG %s: %d frames", seg.SOPInstanceUID, int(seg.NumberOfFrames))
