@@ -75,6 +75,7 @@ class ModelSection(Section):
     in_channels: int = Field(1, ge=1)
     out_channels: int = Field(1, ge=1)
     init_features: int = Field(16, ge=1)
+    depth: int = Field(2, ge=1, le=4)
     weights: Path = Path("models/unet3d_weights.pth")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "fp32"

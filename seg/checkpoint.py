@@ -127,7 +127,13 @@ def _spec_from_state_dict(state_dict: dict[str, torch.Tensor], source: Path) -> 
         last = state_dict["conv_last.weight"]
     except KeyError as exc:
         raise CheckpointError(f"{source}: not a UNet3D state_dict (missing {exc.args[0]})") from None
-    return UNetSpec(in_channels=int(first.shape[1]), out_channels=int(last.shape[0]), init_features=int(first.shape[0]))
+    depth = sum(1 for key in state_dict if key.startswith("encoder") and key.endswith(".0.weight"))
+    return UNetSpec(
+        in_channels=int(first.shape[1]),
+        out_channels=int(last.shape[0]),
+        init_features=int(first.shape[0]),
+        depth=depth,
+    )
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
@@ -204,7 +210,10 @@ def load_checkpoint(path: str | Path, seed_target_shape: tuple[int, int, int] = 
     try:
         ckpt.build_model()
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the recorded architecture: {exc}") from exc
+        detail = " ".join(str(exc).split())  # torch lists every key: keep the message to one readable line
+        raise CheckpointError(
+            f"{path}: weights do not fit the recorded architecture (UNet3D {ckpt.spec.describe()}): {detail[:300]}"
+        ) from exc
     return ckpt
 
 

@@ -1,8 +1,10 @@
-"""The seed's two-level 3D U-Net, with a configurable width.
+"""The seed's 3D U-Net, with a configurable width and depth.
 
-The module layout and parameter names follow the seed research pipeline exactly, so a
-plain ``state_dict`` saved by the seed loads unchanged (keys ``encoder1.*``, ``encoder2.*``,
-``bottleneck.*``, ``up2.*``, ``decoder2.*``, ``up1.*``, ``decoder1.*``, ``conv_last.*``).
+At the default depth of two levels the module layout and parameter names follow the seed
+research pipeline exactly, so a plain ``state_dict`` saved by the seed loads unchanged
+(keys ``encoder1.*``, ``encoder2.*``, ``bottleneck.*``, ``up2.*``, ``decoder2.*``, ``up1.*``,
+``decoder1.*``, ``conv_last.*``). Deeper networks continue the numbering (``encoder3``,
+``up3``, ``decoder3``, ...) and double the width at each level.
 """
 
 from __future__ import annotations
@@ -25,15 +27,28 @@ class UNetSpec:
         Input and output channels (1 and 1 for myocardium segmentation).
     init_features
         Width of the first level; the seed used 32, 16 is ~4x cheaper.
+    depth
+        Number of down-sampling levels above the bottleneck; the seed used 2. Each level
+        halves the grid and doubles the width, so the receptive field grows about twofold
+        per level (on the 64x64x56 grid, 4 levels leave a 4x4x3 bottleneck).
     """
 
     in_channels: int = 1
     out_channels: int = 1
     init_features: int = 32
+    depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
 
     def to_dict(self) -> dict[str, int]:
         """Plain-dict form stored in checkpoints."""
         return asdict(self)
+
+    def describe(self) -> str:
+        """Short label, e.g. ``f=16`` or ``f=16 depth 3`` (the depth only when not the seed's)."""
+        return f"f={self.init_features}" + (f" depth {self.depth}" if self.depth != 2 else "")
 
 
 def _block(in_channels: int, features: int) -> nn.Sequential:
@@ -61,7 +76,7 @@ def _match_size(upsampled: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 
 
 class UNet3D(nn.Module):
-    """Two-level 3D U-Net with transposed-convolution upsampling.
+    """3D U-Net with transposed-convolution upsampling (two levels: the seed's network).
 
     Input ``(N, C_in, X, Y, Z)`` float, output logits ``(N, C_out, X, Y, Z)`` of the
     same spatial size. Any spatial size works: odd sizes are handled by padding the
@@ -72,27 +87,34 @@ class UNet3D(nn.Module):
     def __init__(self, spec: UNetSpec | None = None) -> None:
         super().__init__()
         self.spec = spec or UNetSpec()
-        f = self.spec.init_features
-        self.encoder1 = _block(self.spec.in_channels, f)
-        self.pool1 = nn.MaxPool3d(kernel_size=2, stride=2)
-        self.encoder2 = _block(f, f * 2)
-        self.pool2 = nn.MaxPool3d(kernel_size=2, stride=2)
-        self.bottleneck = _block(f * 2, f * 4)
-        self.up2 = nn.ConvTranspose3d(f * 4, f * 2, kernel_size=2, stride=2, output_padding=1)
-        self.decoder2 = _block(f * 4, f * 2)
-        self.up1 = nn.ConvTranspose3d(f * 2, f, kernel_size=2, stride=2, output_padding=1)
-        self.decoder1 = _block(f * 2, f)
+        f, depth = self.spec.init_features, self.spec.depth
+        # registration order is the seed's: encoders and pools going down, then the
+        # bottleneck, then up/decoder pairs coming back, then the output convolution
+        channels = self.spec.in_channels
+        for level in range(1, depth + 1):
+            width = f * 2 ** (level - 1)
+            setattr(self, f"encoder{level}", _block(channels, width))
+            setattr(self, f"pool{level}", nn.MaxPool3d(kernel_size=2, stride=2))
+            channels = width
+        self.bottleneck = _block(channels, f * 2**depth)
+        for level in range(depth, 0, -1):
+            width = f * 2 ** (level - 1)
+            setattr(self, f"up{level}", nn.ConvTranspose3d(width * 2, width, kernel_size=2, stride=2, output_padding=1))
+            setattr(self, f"decoder{level}", _block(width * 2, width))
         self.conv_last = nn.Conv3d(f, self.spec.out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        enc1 = self.encoder1(x)
-        enc2 = self.encoder2(self.pool1(enc1))
-        bottleneck = self.bottleneck(self.pool2(enc2))
-        dec2 = _match_size(self.up2(bottleneck), enc2)
-        dec2 = self.decoder2(torch.cat((dec2, enc2), dim=1))
-        dec1 = _match_size(self.up1(dec2), enc1)
-        dec1 = self.decoder1(torch.cat((dec1, enc1), dim=1))
-        return self.conv_last(dec1)
+        skips: list[torch.Tensor] = []
+        for level in range(1, self.spec.depth + 1):
+            x = getattr(self, f"encoder{level}")(x)
+            skips.append(x)
+            x = getattr(self, f"pool{level}")(x)
+        x = self.bottleneck(x)
+        for level in range(self.spec.depth, 0, -1):
+            skip = skips[level - 1]
+            x = _match_size(getattr(self, f"up{level}")(x), skip)
+            x = getattr(self, f"decoder{level}")(torch.cat((x, skip), dim=1))
+        return self.conv_last(x)
 
     def init_output_bias(self, foreground_prior: float) -> None:
         """Set the output bias to the log-odds of the foreground prior.

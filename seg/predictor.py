@@ -188,7 +188,7 @@ class Predictor:
     def description(self) -> str:
         """Short human-readable identity of the model (architecture, width, version)."""
         version = self.checkpoint.provenance.get("code_version", "seed")
-        return f"UNet3D f={self.checkpoint.spec.init_features} ({version})"
+        return f"UNet3D {self.checkpoint.spec.describe()} ({version})"
 
     def predict_array(self, volume: np.ndarray, affine: np.ndarray) -> Prediction:
         """Segment one volume.

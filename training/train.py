@@ -288,7 +288,7 @@ def train(
     )
 
     torch.manual_seed(seed)
-    spec = UNetSpec(config.model.in_channels, config.model.out_channels, config.model.init_features)
+    spec = UNetSpec(config.model.in_channels, config.model.out_channels, config.model.init_features, config.model.depth)
     model = UNet3D(spec)
     if cfg.init_weights is not None:
         start = load_checkpoint(cfg.init_weights)

@@ -1,4 +1,4 @@
-"""The seed's U-Net: key layout, odd shapes, seed checkpoints."""
+"""The seed's U-Net: key layout, odd shapes, depth, seed checkpoints."""
 
 from __future__ import annotations
 
@@ -22,9 +22,28 @@ def test_seed_layout_and_size() -> None:
     assert round(count_parameters(model) / 1e6, 3) == 1.356  # the seed's f=32 network (notes/ml.md)
 
 
+def test_seed_key_order() -> None:
+    """The seed's registration order: state_dict keys list in the same order as its file."""
+    order = list(dict.fromkeys(k.split(".")[0] for k in UNet3D(UNetSpec(init_features=4)).state_dict()))
+    assert order == ["encoder1", "encoder2", "bottleneck", "up2", "decoder2", "up1", "decoder1", "conv_last"]
+
+
+@pytest.mark.parametrize("depth, params", [(1, 73_937), (3, 1_401_265), (4, 5_646_385)])
+def test_depth_adds_levels(depth: int, params: int) -> None:
+    model = UNet3D(UNetSpec(init_features=16, depth=depth))
+    prefixes = {k.split(".")[0] for k in model.state_dict()}
+    levels = [str(level) for level in range(1, depth + 1)]
+    assert prefixes == {"bottleneck", "conv_last"} | {f"{p}{n}" for p in ("encoder", "up", "decoder") for n in levels}
+    assert model.bottleneck[0].out_channels == 16 * 2**depth
+    assert count_parameters(model) == params
+    with pytest.raises(ValueError, match="depth"):
+        UNetSpec(depth=0)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [(64, 64, 56), (33, 47, 29), (20, 21, 22)])
-def test_any_shape_round_trips(shape: tuple[int, int, int]) -> None:
-    model = UNet3D(UNetSpec(init_features=4)).eval()
+def test_any_shape_round_trips(shape: tuple[int, int, int], depth: int) -> None:
+    model = UNet3D(UNetSpec(init_features=4, depth=depth)).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 1, *shape))
     assert out.shape == (1, 1, *shape)
@@ -42,6 +61,27 @@ def test_plain_seed_state_dict_loads_unchanged(tmp_path: Path) -> None:
     x = torch.rand(1, 1, 16, 16, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x), seed_model.eval()(x))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_deeper_checkpoints_load(tmp_path: Path, depth: int) -> None:
+    """A deeper network round-trips as a project checkpoint and as a plain state_dict."""
+    from seg.checkpoint import Checkpoint, save_checkpoint
+    from seg.preprocess import PreprocessSettings
+
+    model = UNet3D(UNetSpec(init_features=4, depth=depth)).eval()
+    plain = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), plain)
+    assert load_checkpoint(plain).spec == UNetSpec(init_features=4, depth=depth)
+    full = save_checkpoint(
+        Checkpoint(spec=model.spec, state_dict=model.state_dict(), preprocess=PreprocessSettings()),
+        tmp_path / "full.pth",
+    )
+    loaded = load_checkpoint(full)
+    assert loaded.spec.depth == depth and loaded.spec.describe() == f"f=4 depth {depth}"
+    x = torch.rand(1, 1, 24, 20, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.build_model()(x), model(x))
 
 
 def test_output_bias_prior() -> None:
@@ -70,7 +110,8 @@ def test_unusable_files_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda raw: raw["model"]["spec"].update(depth=3), "unusable checkpoint settings: TypeError"),
+        (lambda raw: raw["model"]["spec"].update(kernel=5), "unusable checkpoint settings: TypeError"),
+        (lambda raw: raw["model"]["spec"].update(depth=3), "weights do not fit the recorded architecture .*depth 3"),
         (lambda raw: raw["preprocess"].update(window=1), "unusable checkpoint settings: TypeError"),
         (lambda raw: raw["preprocess"].update(normalization="zscore"), "unknown normalization 'zscore'"),
         (lambda raw: raw["preprocess"].update(percentile_high=0.0), "percentiles 0.0..0.0 must rise"),
