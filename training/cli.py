@@ -259,6 +259,12 @@ def _run(args: argparse.Namespace, config: AppConfig, progress: bool) -> int:
     if args.command == "train":
         from training.train import train
 
+        if args.out is None and not args.resume and config.model.weights.exists():
+            # the default output is the model the node serves: replacing it takes an explicit --out
+            raise ValueError(
+                f"{config.model.weights} exists (model.weights, the default output); "
+                "name it with --out to replace it, or give another --out"
+            )
         command = ["spect-train", *sys.argv[1:]]  # the program's own path stays out of the checkpoint
         result = train(config, config.model.weights, resume=args.resume, progress=progress, command=command)
         best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"

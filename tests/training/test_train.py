@@ -150,8 +150,12 @@ def test_evaluate_and_predict_outputs(dataset: Path, tmp_path: Path, capsys: pyt
 
 
 def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert spect_train(["train", "--data_root", str(tmp_path / "none"), "-q"]) == 2
+    assert spect_train(["train", "--data_root", str(tmp_path / "none"), "--out", str(tmp_path / "w.pth"), "-q"]) == 2
     assert "none" in capsys.readouterr().err
+    served = tmp_path / "served.pth"  # the default output (model.weights) exists: only --out replaces it
+    served.write_bytes(b"the model the node serves")
+    assert spect_train(["train", "--data_root", str(tmp_path), "--set", f"model.weights={served}", "-q"]) == 2
+    assert f"{served} exists" in capsys.readouterr().err and served.read_bytes() == b"the model the node serves"
     assert spect_train(["evaluate", "--data_root", str(tmp_path), "--weights", str(tmp_path / "w.pth"), "-q"]) == 2
     assert spect_train(["train", "--data_root", str(tmp_path), "--bogus", "1"]) == 2
     assert "--bogus" in capsys.readouterr().err
