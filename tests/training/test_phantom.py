@@ -271,3 +271,24 @@ def test_fixed_pixel_size_renders_the_same_case_on_a_finer_grid() -> None:
     for key in ("wall_mm", "lv_radius_mm", "lv_length_mm", "heart_x_mm", "fwhm_mm", "defects"):
         assert fine.params[key] == coarse.params[key]
     assert fine.params["myocardium_ml"] == pytest.approx(coarse.params["myocardium_ml"], rel=0.1)
+
+
+def test_heart_placed_inside_the_body_even_when_every_box_test_fails() -> None:
+    """A small chest: the loose bounding-box test rejects all 50 draws; the LV's real surface still lies inside."""
+    from training.phantom_anatomy import Torso
+    from training.phantom_heart import draw_lv
+    from training.phantom_organs import _depth_at, _place_lv
+
+    rng = np.random.default_rng(0)
+    torso = Torso(0.0, 0.0, 160.0, 92.0, 2.5, 0.9, 0.0, 0.0)
+    fov = np.array([420.0, 420.0, 400.0])
+    angle, frac = np.meshgrid(np.arange(-180.0, 180.0, 5.0), np.linspace(0.0, 1.0, 30))
+    fell_back = 0
+    for _ in range(5):
+        lv = _place_lv(rng, draw_lv(rng)[0], torso, fov)
+        lo, hi = lv.bounds()
+        fell_back += min(_depth_at(torso, lo[0], hi[1]), _depth_at(torso, hi[0], hi[1])) <= 15
+        points, _ = lv.surface_points(angle.ravel(), frac.ravel())
+        assert torso.depth(points[:, 0], points[:, 1], points[:, 2]).min() >= 15.0
+        assert np.all(np.abs(points) <= fov / 2 - 30)
+    assert fell_back == 5  # the fallback is what was tested
