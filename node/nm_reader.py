@@ -195,11 +195,10 @@ def check_recon_tomo(ds: Dataset) -> None:
     increments = [int(t) for t in as_list(ds.get("FrameIncrementPointer"))]
     if (len(image_type) > 2 and "GATED" in image_type[2]) or TIME_SLOT_VECTOR_TAG in increments:
         raise UnsupportedSeriesError("gated SPECT (RECON GATED TOMO) is not supported yet")
-    if len(image_type) > 2:
-        if image_type[2] != "RECON TOMO":
-            raise UnsupportedSeriesError(f"NM ImageType {shown(image_type[2])} is not a tomographic reconstruction")
-    else:
-        logger.warning("NM ImageType %s has no value 3; assuming RECON TOMO", image_type)
+    if len(image_type) < 3:  # value 3 is Type 1 in NM: without it projections and reconstructions look alike
+        raise UnsupportedSeriesError("NM ImageType has no value 3: cannot tell a reconstruction from projections")
+    if image_type[2] != "RECON TOMO":
+        raise UnsupportedSeriesError(f"NM ImageType {shown(image_type[2])} is not a tomographic reconstruction")
     if len(image_type) > 3 and image_type[3] == "TRANSMISSION":
         raise UnsupportedSeriesError("transmission (attenuation map) images are not processed")
 

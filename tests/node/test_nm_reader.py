@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from node.convert import is_reconstructed_emission
 from node.dicom_values import MAX_VOXELS
 from node.errors import InvalidSeriesError, UnsupportedSeriesError
 from node.nm_reader import read_nm_multiframe, read_nm_series
@@ -228,12 +229,15 @@ def test_huge_declared_volume_is_refused_before_any_pixel_is_read(nm_phantom, di
     assert peak < 16 * 2**20
 
 
-@pytest.mark.parametrize("image_type", ["RECON GATED TOMO", "TOMO", "STATIC"])
+@pytest.mark.parametrize("image_type", ["RECON GATED TOMO", "TOMO", "STATIC", None])
 def test_gated_and_projection_images_are_unsupported(image_type, nm_phantom, dicom_reencode):
+    """The reader refuses what the node's series check refuses, a missing value 3 included."""
     image, _ = nm_phantom("axial")
     ds = dicom_reencode(nifti_to_nm(image, **IDENTITY))
-    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type, "EMISSION"]
-    with pytest.raises(UnsupportedSeriesError, match="gated" if "GATED" in image_type else image_type):
+    ds.ImageType = ["ORIGINAL", "PRIMARY"] if image_type is None else ["ORIGINAL", "PRIMARY", image_type, "EMISSION"]
+    assert is_reconstructed_emission(ds)[0] is False
+    message = "no value 3" if image_type is None else "gated" if "GATED" in image_type else image_type
+    with pytest.raises(UnsupportedSeriesError, match=message):
         read_nm_multiframe(ds)
 
 
