@@ -12,7 +12,8 @@ from pynetdicom import AE, evt
 
 log = logging.getLogger(__name__)
 
-_PEER_RE = re.compile(r"^(?P<ae>[^@]+)@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+# host: a name, an IPv4 address, or an IPv6 address in brackets (``PACS@[::1]:104``)
+_PEER_RE = re.compile(r"^(?P<ae>[^@]+)@(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,16 @@ class PeerAddress:
         """``AE@host:port`` -> :class:`PeerAddress`; ``ValueError`` naming the text otherwise."""
         match = _PEER_RE.match(text.strip())
         if not match:
-            raise ValueError(f"{text!r}: expected AE_TITLE@host:port, e.g. PACS@127.0.0.1:4242")
+            raise ValueError(f"{text!r}: expected AE_TITLE@host:port, e.g. PACS@127.0.0.1:4242 or PACS@[::1]:4242")
         if len(match["ae"]) > 16:
             raise ValueError(f"{text!r}: the AE title {match['ae']!r} is longer than 16 characters")
         if not 0 < int(match["port"]) < 65536:
             raise ValueError(f"{text!r}: port {match['port']} is not in 1..65535")
-        return cls(match["ae"], match["host"], int(match["port"]))
+        return cls(match["ae"], match["ipv6"] or match["host"], int(match["port"]))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 def set_tcp_nodelay(event: evt.Event) -> None:
