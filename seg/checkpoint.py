@@ -144,7 +144,13 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for corrupt or unsafe files
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+        with path.open("rb") as head:
+            magic = head.read(4)
+        torch_file = magic.startswith((b"PK\x03\x04", b"\x80"))  # a zip archive (torch >= 1.6) or a pickle
+        if not torch_file:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from exc
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint: {detail}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(raw).__name__}")
     return raw

@@ -95,8 +95,12 @@ def test_unusable_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "none.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_checkpoint(corrupt)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((Path(__file__).resolve().parents[2] / "models" / "unet3d_weights.pth").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint: "):
+        load_checkpoint(cut)
     code = tmp_path / "code.pth"
     torch.save({"x": Path("pickled-object")}, code)  # arbitrary objects are refused by weights_only
     with pytest.raises(CheckpointError):
