@@ -79,7 +79,7 @@ def _when(timestamp: float | None) -> str:
 
 
 def _serve(config: AppConfig) -> int:
-    from node.service import Node, PredictorHolder
+    from node.service import Node
 
     node = Node.start(config)
     stop = threading.Event()
@@ -90,9 +90,7 @@ def _serve(config: AppConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    model = node.worker.predictor_factory
-    unusable = model.error if isinstance(model, PredictorHolder) else None
-    warning = f"; NO MODEL, every job fails until it loads: {unusable}" if unusable else ""
+    warning = f"; NO MODEL, every job fails until it loads: {node.model.error}" if node.model.error else ""
     print(f"spect-node {config.node.ae_title} listening on {config.node.host}:{node.port}{warning}", flush=True)
     while not stop.wait(0.5):
         pass

@@ -96,6 +96,7 @@ class Node:
     sender: ResultSender
     receiver: Receiver
     audit: AuditLog
+    model: PredictorHolder
     threads: list[threading.Thread] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)
 
@@ -202,7 +203,7 @@ class Node:
                     f"{exc.strerror or exc}"
                 ) from exc
             cleanup.callback(server.shutdown)
-            node = cls(config, storage, server, worker, sender, receiver, audit)
+            node = cls(config, storage, server, worker, sender, receiver, audit, predictor)
             node._start_threads()
             cleanup.pop_all()  # started: from now on Node.stop() undoes it all
         log.info(
