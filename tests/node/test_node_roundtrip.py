@@ -30,7 +30,9 @@ def node(tmp_path: Path, pacs: StandInPacs) -> Iterator[Node]:
     if not WEIGHTS.is_file():
         pytest.fail(f"{WEIGHTS} is missing: the shipped model is part of the repository")
     peers = [PeerSection(ae_title=PACS_AE, host="127.0.0.1", port=pacs.port)]
-    config = node_config(tmp_path / "node", "node.series_idle_timeout=1", peers=peers)
+    # one-slice-per-file series announce no count and complete after this idle time: 3 s keeps a sender that
+    # stalls on a busy machine from completing half a series (whose SEG the tests would then read)
+    config = node_config(tmp_path / "node", "node.series_idle_timeout=3", peers=peers)
     running = Node.start(config)
     yield running
     running.stop()
