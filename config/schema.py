@@ -256,3 +256,13 @@ class AppConfig(Section):
         if twice:
             raise ValueError(f"AE title(s) {', '.join(twice)} listed more than once (the later entry would win)")
         return peers
+
+    @model_validator(mode="after")
+    def _grid_fits_depth(self) -> AppConfig:
+        smallest, needed = min(self.preprocess.target_shape), 2 ** (self.model.depth + 1)
+        if smallest < needed:  # every level halves the grid; the bottleneck needs 2 voxels per axis
+            raise ValueError(
+                f"preprocess.target_shape {list(self.preprocess.target_shape)} is too small for model.depth "
+                f"{self.model.depth}: each axis needs at least {needed} voxels"
+            )
+        return self

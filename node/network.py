@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import socket
@@ -13,7 +14,7 @@ from pynetdicom import AE, evt
 log = logging.getLogger(__name__)
 
 # host: a name, an IPv4 address, or an IPv6 address in brackets (``PACS@[::1]:104``)
-_PEER_RE = re.compile(r"^(?P<ae>[^@]+)@(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+_PEER_RE = re.compile(r"^(?P<ae>[^@]+)@(?:\[(?P<ipv6>[^\[\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class PeerAddress:
             raise ValueError(f"{text!r}: the AE title {match['ae']!r} is longer than 16 characters")
         if not 0 < int(match["port"]) < 65536:
             raise ValueError(f"{text!r}: port {match['port']} is not in 1..65535")
+        if match["ipv6"] is not None:
+            try:
+                ipaddress.IPv6Address(match["ipv6"])  # a zone (fe80::1%eth0) included
+            except ValueError:
+                raise ValueError(f"{text!r}: {match['ipv6']!r} in brackets is not an IPv6 address") from None
         return cls(match["ae"], match["ipv6"] or match["host"], int(match["port"]))
 
     def __str__(self) -> str:

@@ -260,7 +260,7 @@ class SegmentationWorker:
             series_number=self.settings.seg_series_number,
             series_description=with_research_marking(self.settings.seg_series_description),
             content_description=RESEARCH_CONTENT,
-            algorithm_name=f"spect-node UNet3D {predictor.checkpoint.spec.describe()}",
+            algorithm_name=f"spect-node UNet3D {predictor.checkpoint.spec.describe(sep='')}",  # "f16", as before depth
             algorithm_version=version[:64],
             manufacturer="spect-node",
             software_versions=version[:64],

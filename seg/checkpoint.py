@@ -19,6 +19,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -136,6 +137,23 @@ def _spec_from_state_dict(state_dict: dict[str, torch.Tensor], source: Path) -> 
     )
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` failed, in one line: not a torch file, an unsafe object, or torch's own reason."""
+    try:
+        with path.open("rb") as head:
+            magic = head.read(4)
+    except OSError:
+        magic = b""
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive (torch >= 1.6) or a pickle
+        return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    unsafe = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text, flags=re.S)
+    if unsafe:  # torch's advice to load unsafely is not passed on
+        return f"holds objects other than tensors and plain values ({' '.join(unsafe.group(1).split())})"
+    detail = " ".join(text.split()) or type(exc).__name__
+    return "cannot read checkpoint: " + (detail if len(detail) <= 300 else f"{detail[:200]} ... {detail[-90:]}")
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     """``torch.load`` the file safely (``weights_only=True``) and check it is a mapping."""
     path = Path(path)
@@ -144,13 +162,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for corrupt or unsafe files
-        with path.open("rb") as head:
-            magic = head.read(4)
-        torch_file = magic.startswith((b"PK\x03\x04", b"\x80"))  # a zip archive (torch >= 1.6) or a pickle
-        if not torch_file:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from exc
-        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint: {detail}") from exc
+        raise CheckpointError(f"{path}: {_unreadable(path, exc)}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(raw).__name__}")
     return raw

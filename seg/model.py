@@ -39,16 +39,20 @@ class UNetSpec:
     depth: int = 2
 
     def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
+            raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
 
     def to_dict(self) -> dict[str, int]:
-        """Plain-dict form stored in checkpoints."""
-        return asdict(self)
+        """Plain-dict form stored in checkpoints (without ``depth`` at the seed's 2, so that
+        code from before the setting still reads them)."""
+        spec = asdict(self)
+        if self.depth == 2:
+            del spec["depth"]
+        return spec
 
-    def describe(self) -> str:
+    def describe(self, sep: str = "=") -> str:
         """Short label, e.g. ``f=16`` or ``f=16 depth 3`` (the depth only when not the seed's)."""
-        return f"f={self.init_features}" + (f" depth {self.depth}" if self.depth != 2 else "")
+        return f"f{sep}{self.init_features}" + (f" depth {self.depth}" if self.depth != 2 else "")
 
 
 def _block(in_channels: int, features: int) -> nn.Sequential:
@@ -79,9 +83,11 @@ class UNet3D(nn.Module):
     """3D U-Net with transposed-convolution upsampling (two levels: the seed's network).
 
     Input ``(N, C_in, X, Y, Z)`` float, output logits ``(N, C_out, X, Y, Z)`` of the
-    same spatial size. Any spatial size works: odd sizes are handled by padding the
-    upsampled maps to their skip connection (the seed's ``output_padding=1`` makes the
-    upsampled map one voxel larger on even sizes; it is cropped then).
+    same spatial size. Any size of at least ``2 ** depth`` per axis works (training needs
+    ``2 ** (depth + 1)``: BatchNorm wants more than one bottleneck value): odd sizes are
+    handled by padding the upsampled maps to their skip connection (the seed's
+    ``output_padding=1`` makes the upsampled map one voxel larger on even sizes; it is
+    cropped then).
     """
 
     def __init__(self, spec: UNetSpec | None = None) -> None:

@@ -83,6 +83,9 @@ def test_cross_field_rules() -> None:
         load_config(overrides=["train.val_size=0.6", "train.test_size=0.5"])
     with pytest.raises(ConfigError, match="percentile_low"):
         load_config(overrides=["preprocess.percentile_low=99", "preprocess.percentile_high=90"])
+    with pytest.raises(ConfigError, match=r"too small for model.depth 4: each axis needs at least 32 voxels"):
+        load_config(overrides=["model.depth=4", "preprocess.target_shape=[64,64,24]"])
+    assert load_config(overrides=["model.depth=4"]).model.depth == 4  # the default 64x64x56 grid fits
 
 
 def test_peers_are_stored_without_padding_and_listed_once(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ from node.nm_writer import nifti_to_nm, nifti_to_nm_series
 from node.receiver import Receiver
 from node.service import Node
 from node.worker import SegmentationWorker, WorkerSettings
+from seg.model import UNetSpec
 from storage import Job, JobState, Storage
 
 FUZZ = settings(
@@ -328,10 +329,10 @@ class ThresholdPredictor:
     """
 
     description = "threshold stand-in"
-    checkpoint = SimpleNamespace(provenance={"code_version": "fuzz"}, spec=SimpleNamespace(init_features=1))
+    checkpoint = SimpleNamespace(provenance={"code_version": "fuzz"}, spec=UNetSpec(init_features=1))
 
     def predict_array(self, volume: np.ndarray, affine: np.ndarray) -> SimpleNamespace:
-        return SimpleNamespace(mask=(volume > np.percentile(volume, 90)).astype(np.uint8))
+        return SimpleNamespace(mask=(volume > np.percentile(volume, 90)).astype(np.uint8), geometry=None)
 
 
 @dataclass
@@ -427,6 +428,18 @@ def store_cases(draw: st.DrawFn) -> StoreCase:
         body = body[: draw(st.integers(0, len(body)))]
     request_uid = draw(st.sampled_from([uid, uid, uid, _new_uid()]))  # sometimes not the data set's
     return StoreCase(bytes(body), request_uid, ImplicitVRLittleEndian)
+
+
+def test_the_store_path_encodes_a_seg_for_an_unedited_instance(store_path: StorePath) -> None:
+    """The fuzz below reaches the SEG encoder: unedited, an instance gets its job done and its SEG stored."""
+    ds = _fresh_identity(decode(multiframe_bytes()))
+    case = StoreCase(implicit_body(ds), str(ds.SOPInstanceUID), ImplicitVRLittleEndian)
+    assert (
+        store_path.receiver.store(case.encoded, NM_IMAGE_STORAGE, case.request_uid, case.transfer_syntax_uid, "T") == 0
+    )
+    jobs = store_path.settle()
+    assert [store_path.storage.index.job(job.id).state for job in jobs] == [JobState.DONE]  # type: ignore[union-attr]
+    assert store_path.storage.index.results(str(ds.StudyInstanceUID))
 
 
 @FUZZ

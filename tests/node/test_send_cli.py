@@ -114,6 +114,8 @@ def test_a_damaged_instance_in_a_folder_stops_the_send_naming_it(
         ("PACS@127.0.0.1:70000", "port 70000 is not in 1..65535"),
         ("SEVENTEEN_LETTERS@127.0.0.1:4242", "the AE title 'SEVENTEEN_LETTERS' is longer than 16 characters"),
         ("PACS@::1:4242", "expected AE_TITLE@host:port"),  # an IPv6 address needs its brackets
+        ("PACS@[1.2.3.4]:4242", "'1.2.3.4' in brackets is not an IPv6 address"),
+        ("PACS@[:]:4242", "':' in brackets is not an IPv6 address"),
     ],
 )
 def test_a_bad_destination_is_named(tmp_path: Path, to: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,7 +126,7 @@ def test_a_bad_destination_is_named(tmp_path: Path, to: str, message: str, capsy
 @pytest.mark.parametrize(
     ("text", "host", "port"),
     [("PACS@127.0.0.1:4242", "127.0.0.1", 4242), ("PACS@pacs.example:104", "pacs.example", 104),
-     ("PACS@[::1]:11112", "::1", 11112), ("PACS@[fe80::1:2]:104", "fe80::1:2", 104)],
+     ("PACS@[::1]:11112", "::1", 11112), ("PACS@[fe80::1%eth0]:104", "fe80::1%eth0", 104)],
 )  # fmt: skip
 def test_destinations_parse_and_print_back(text: str, host: str, port: int) -> None:
     from node.network import PeerAddress

@@ -36,8 +36,11 @@ def test_depth_adds_levels(depth: int, params: int) -> None:
     assert prefixes == {"bottleneck", "conv_last"} | {f"{p}{n}" for p in ("encoder", "up", "decoder") for n in levels}
     assert model.bottleneck[0].out_channels == 16 * 2**depth
     assert count_parameters(model) == params
-    with pytest.raises(ValueError, match="depth"):
-        UNetSpec(depth=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="depth"):
+            UNetSpec(depth=bad)  # type: ignore[arg-type]
+    # at the seed's depth the checkpoint omits it: code from before the setting reads the file
+    assert "depth" not in UNetSpec(init_features=16).to_dict()
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -79,6 +82,7 @@ def test_deeper_checkpoints_load(tmp_path: Path, depth: int) -> None:
     )
     loaded = load_checkpoint(full)
     assert loaded.spec.depth == depth and loaded.spec.describe() == f"f=4 depth {depth}"
+    assert torch.load(full, weights_only=True)["model"]["spec"]["depth"] == depth
     x = torch.rand(1, 1, 24, 20, 16)
     with torch.no_grad():
         assert torch.equal(loaded.build_model()(x), model(x))
@@ -103,8 +107,9 @@ def test_unusable_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(cut)
     code = tmp_path / "code.pth"
     torch.save({"x": Path("pickled-object")}, code)  # arbitrary objects are refused by weights_only
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"holds objects other than tensors .*Unsupported global") as refused:
         load_checkpoint(code)
+    assert "weights_only" not in str(refused.value) and "\x1b" not in str(refused.value)
     wrong = tmp_path / "wrong.pth"
     torch.save({"encoder1.0.weight": torch.zeros(3)}, wrong)
     with pytest.raises(CheckpointError):
