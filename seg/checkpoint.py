@@ -137,6 +137,12 @@ def _spec_from_state_dict(state_dict: dict[str, torch.Tensor], source: Path) -> 
     )
 
 
+def _one_line(text: str, limit: int | None = 300) -> str:
+    """Torch's multi-line message on one line, colour codes removed, trimmed in the middle past ``limit``."""
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+    return line if limit is None or len(line) <= limit else f"{line[: limit - 100]} ... {line[-90:]}"
+
+
 def _unreadable(path: Path, exc: Exception) -> str:
     """Why ``torch.load`` failed, in one line: not a torch file, an unsafe object, or torch's own reason."""
     try:
@@ -146,12 +152,11 @@ def _unreadable(path: Path, exc: Exception) -> str:
         magic = b""
     if not magic.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive (torch >= 1.6) or a pickle
         return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    unsafe = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text, flags=re.S)
+    text = _one_line(str(exc), limit=None)
+    unsafe = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text)
     if unsafe:  # torch's advice to load unsafely is not passed on
-        return f"holds objects other than tensors and plain values ({' '.join(unsafe.group(1).split())})"
-    detail = " ".join(text.split()) or type(exc).__name__
-    return "cannot read checkpoint: " + (detail if len(detail) <= 300 else f"{detail[:200]} ... {detail[-90:]}")
+        return f"holds objects other than tensors and plain values ({unsafe.group(1)})"
+    return "cannot read checkpoint: " + (_one_line(text) or type(exc).__name__)
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
@@ -228,9 +233,9 @@ def load_checkpoint(path: str | Path, seed_target_shape: tuple[int, int, int] = 
     try:
         ckpt.build_model()
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())  # torch lists every key: keep the message to one readable line
+        architecture = f"UNet3D {ckpt.spec.describe()}"  # torch's message lists every key: one readable line
         raise CheckpointError(
-            f"{path}: weights do not fit the recorded architecture (UNet3D {ckpt.spec.describe()}): {detail[:300]}"
+            f"{path}: weights do not fit the recorded architecture ({architecture}): {_one_line(str(exc))}"
         ) from exc
     return ckpt
 
